@@ -1,0 +1,1 @@
+"""Quantized model families converted from timm modules (ViT/DeiT, Swin)."""
