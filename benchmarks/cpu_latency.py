@@ -538,6 +538,7 @@ def write_png(rows: list[Row], path: Path, methods: Sequence[str]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     batches = sorted({r.batch for r in rows})
     models = list(dict.fromkeys(r.model for r in rows))
@@ -545,9 +546,9 @@ def write_png(rows: list[Row], path: Path, methods: Sequence[str]) -> None:
         1, len(batches), figsize=(max(7, 2.2 * len(models) + 3) * len(batches), 5), squeeze=False
     )
     width = 0.8 / max(1, len(methods))
-    peers = [m for m in methods if m != OURS]
-    colors = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(peers)}
-    colors[OURS] = "black"  # ours stands out, whatever subset is selected
+    # One color per method whatever subset is selected; ours in black so it stands out.
+    colors = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(x for x in METHODS if x != OURS)}
+    colors[OURS] = "black"
     lookup = {(r.model, r.batch, r.method): r.median_ms for r in rows}
     for ax, batch in zip(axes[0], batches, strict=True):
         for j, m in enumerate(methods):
@@ -560,12 +561,13 @@ def write_png(rows: list[Row], path: Path, methods: Sequence[str]) -> None:
                 else:
                     xs.append(x)
                     ys.append(v)
-            ax.bar(xs, ys, width, label=m, color=colors[m])
+            ax.bar(xs, ys, width, color=colors[m])
         ax.set_xticks(range(len(models)), [m.replace("_patch", "\n_patch") for m in models], fontsize=8)
         ax.set_ylabel("median latency (ms)")
         ax.set_title(f"batch {batch}, {rows[0].threads} threads")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles = [Patch(color=colors[m], label=m) for m in methods]  # also for methods that are all n/a
+    axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"CPU latency ({rows[0].cpu})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

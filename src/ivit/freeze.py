@@ -49,7 +49,8 @@ class Builder:
         if key in self.consts:
             raise RuntimeError(f"duplicate constant {key}")
         tt = t.detach().cpu()
-        if dtype != torch.bool and tt.numel() and (tt.min() < torch.iinfo(dtype).min or tt.max() > torch.iinfo(dtype).max):
+        info = None if dtype == torch.bool else torch.iinfo(dtype)
+        if info is not None and tt.numel() and (tt.min() < info.min or tt.max() > info.max):
             raise ValueError(f"constant {key} does not fit {dtype}")
         self.consts[key] = tt.to(dtype).contiguous()
         return key

@@ -26,6 +26,7 @@ __all__ = [
     "RangeObserver",
     "QAct",
     "QLinear",
+    "QPatchEmbed",
     "QLayerNorm",
     "QShiftmax",
     "QShiftGELU",
@@ -144,9 +145,13 @@ class QLinear(nn.Module):
                 m.bias.copy_(lin.bias)
         return m
 
+    def effective(self) -> tuple[Tensor, Tensor | None]:
+        """The float weight and bias this layer quantizes (subclasses reparametrize)."""
+        return self.weight, self.bias
+
     def weight_scale(self) -> Tensor:
         """float64 ``(out,)`` (per channel) or ``()`` weight scale."""
-        w = self.weight.detach().to(torch.float64).abs()
+        w = self.effective()[0].detach().to(torch.float64).abs()
         amax = w.amax(dim=1) if self.per_channel else w.max()
         return amax.clamp(min=1e-12) / ops.qmax(8)
 
@@ -154,12 +159,13 @@ class QLinear(nn.Module):
         """``(W_int int8 (out, in), S_w)``."""
         s = self.weight_scale()
         sw = s.unsqueeze(1) if self.per_channel else s
-        return ops.quantize_symmetric(self.weight.detach(), sw, 8), s
+        return ops.quantize_symmetric(self.effective()[0].detach(), sw, 8), s
 
     def int_bias(self, acc_scale: Tensor) -> Tensor | None:
-        if self.bias is None:
+        bias = self.effective()[1]
+        if bias is None:
             return None
-        b = torch.round(self.bias.detach().to(torch.float64) / acc_scale)
+        b = torch.round(bias.detach().to(torch.float64) / acc_scale)
         return b.clamp(-(2**30), 2**30).to(torch.int32)
 
     def forward(self, x: QTensor) -> QTensor:
@@ -171,15 +177,49 @@ class QLinear(nn.Module):
         acc = ops.int_linear(x.q, w_int.to(x.q.device), None if b_int is None else b_int.to(x.q.device))
         value = None
         if x.value is not None:
-            sw = (s_w.unsqueeze(1) if self.per_channel else s_w).to(self.weight.device)
-            w_fq = carry(self.weight, w_int.to(self.weight.device), sw)
-            b_fq = None if self.bias is None else carry(self.bias, b_int.to(self.bias.device),
-                                                        scale.to(self.bias.device))
+            w, bias = self.effective()
+            sw = (s_w.unsqueeze(1) if self.per_channel else s_w).to(w.device)
+            w_fq = carry(w, w_int.to(w.device), sw)
+            b_fq = None if bias is None else carry(bias, b_int.to(bias.device), scale.to(bias.device))
             value = carry(F.linear(x.value, w_fq, b_fq), acc, scale.to(acc.device))
         return QTensor(acc, scale, 32, value)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, per_channel={self.per_channel}"
+
+
+class QPatchEmbed(QLinear):
+    """Patch embedding on int8 patches ``p - 128`` with the input normalization folded in.
+
+    Keeps the timm conv weight ``w`` (flattened to ``(out, C*p*p)``) as the trainable parameter
+    and folds on the fly: ``w' = w / (255 std_c)``, ``b' = b - w @ (mean_c / std_c) + 128 * sum(w')``,
+    so that ``linear(p - 128, w', b') == conv((p / 255 - mean) / std)`` in exact arithmetic.
+    (Training the folded weights directly would make Adam's steps ~100x too large for them.)
+    """
+
+    def __init__(self, in_chans: int, patch: int, out_features: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], per_channel: bool = True) -> None:
+        super().__init__(in_chans * patch * patch, out_features, True, per_channel)
+        mean_t = torch.tensor(mean, dtype=torch.float32).repeat_interleave(patch * patch)
+        std_t = torch.tensor(std, dtype=torch.float32).repeat_interleave(patch * patch)
+        self.register_buffer("col_scale", 1.0 / (255.0 * std_t))  # (C*p*p,)
+        self.register_buffer("col_offset", mean_t / std_t)  # (C*p*p,)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, mean: tuple[float, ...], std: tuple[float, ...],
+                  per_channel: bool = True) -> QPatchEmbed:
+        if conv.kernel_size != conv.stride or conv.kernel_size[0] != conv.kernel_size[1] or conv.groups != 1:
+            raise ValueError("patch embedding must be a square conv with stride == kernel size")
+        m = cls(conv.in_channels, conv.kernel_size[0], conv.out_channels, mean, std, per_channel)
+        with torch.no_grad():
+            m.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
+            m.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
+        return m
+
+    def effective(self) -> tuple[Tensor, Tensor | None]:
+        w = self.weight * self.col_scale
+        b = self.bias - self.weight @ self.col_offset + 128.0 * w.sum(dim=1)
+        return w, b
 
 
 class QLayerNorm(nn.Module):

@@ -42,6 +42,8 @@ __all__ = [
     "choose_shiftmax_n",
     "choose_shiftgelu_n",
     "LN_Z_BITS",
+    "DIV_NUM",
+    "SUM_BITS",
 ]
 
 INT32_MAX = 2**31 - 1
@@ -78,7 +80,7 @@ def round_shift(x: Tensor, shift: Tensor | int) -> Tensor:
     """Divide by ``2**shift`` rounding half up: ``(x + 2**(shift-1)) >> shift``.
 
     Args:
-        x: int64 tensor.
+        x: int64 tensor with ``x + 2**(shift-1) < 2**63`` (the rounding add must not wrap).
         shift: int or int64 tensor broadcastable to ``x``, each ``1 <= shift <= 62``.
 
     Rounding: to nearest, ties toward +inf (``floor(x / 2**shift + 1/2)``).
@@ -96,7 +98,8 @@ def requantize(x: Tensor, mult: Tensor, shift: Tensor, bits: int) -> Tensor:
     ``b / 2**c ~= S_in / S_out`` (see ``dyadic``); ``mult``/``shift`` are int64 scalars or
     per-channel vectors broadcast along the last dimension.
 
-    Bounds: ``|I_in| < 2**32`` and ``|b| < 2**31`` keep the product below ``2**63``.
+    Bounds: ``|I_in| < 2**31`` and ``|b| < 2**31`` keep the product below ``2**62`` and the
+    rounding add below ``2**63`` (``|I_in| < 2**32`` can wrap for ``c >= 61``).
     Returns a ``storage_dtype(bits)`` tensor.
     """
     m = qmax(bits)
@@ -112,7 +115,7 @@ def add_requantize(
     ``I_out = clamp(round_shift(I_a * b_a, c_a) + round_shift(I_b * b_b, c_b), -qmax, qmax)``
     with ``b_a / 2**c_a ~= S_a / S_out`` and ``b_b / 2**c_b ~= S_b / S_out``.
     Each branch is rounded separately (half up), then added, then clamped once.
-    Bounds: ``|I_a|, |I_b| < 2**32``.
+    Bounds: ``|I_a|, |I_b| < 2**31`` and ``|b_a|, |b_b| < 2**31`` (as in ``requantize``).
     """
     m = qmax(bits)
     y = round_shift(_i64(a) * _i64(mult_a), shift_a) + round_shift(_i64(b) * _i64(mult_b), shift_b)
@@ -161,7 +164,7 @@ def int_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
 
 
 def shift_exp(x: Tensor, x0: int, n: int) -> Tensor:
-    """ShiftExp: integer ``exp(S * I)`` for ``I <= 0`` at output scale ``2**-n / |x0|``... precisely:
+    """ShiftExp: integer ``exp(S * I)`` for ``I <= 0``; ``exp(0)`` maps to ``|x0| * 2**n``.
 
     With ``x0 = floor(-1/S)`` (the integer standing for -1, ``x0 <= -1``):
 
@@ -170,8 +173,8 @@ def shift_exp(x: Tensor, x0: int, n: int) -> Tensor:
     3. ``q = floor(I_p / x0)`` (in ``[0, n]``), ``r = I_p - q * x0`` (in ``(x0, 0]``)
     4. ``E = ((r >> 1) - x0) << (n - q)``   (``2**(S*r) ~= S*r/2 + 1``)
 
-    ``E`` approximates ``|x0| * 2**n * exp(S * I)``: ``exp(0)`` maps to ``|x0| << n``.
-    Bounds: ``0 < E <= |x0| * 2**n``; ``I`` must satisfy ``|I| < 2**59``.
+    ``E`` approximates ``|x0| * 2**n * exp(S * I)`` at scale ``1 / (|x0| * 2**n)``.
+    Bounds: ``0 < E <= |x0| * 2**n``; inputs must be ``<= 0`` and ``|I| < 2**59``.
     Returns int64.
     """
     if x0 > -1:
@@ -183,28 +186,44 @@ def shift_exp(x: Tensor, x0: int, n: int) -> Tensor:
     return torch.bitwise_left_shift((r >> 1) - x0, n - q)
 
 
+#: Integer division numerator of Shiftmax/ShiftGELU: ``factor = floor(DIV_NUM / sum)``.
+DIV_NUM = 2**62 - 1
+#: Sums of exponentials are kept below ``2**SUM_BITS`` so that ``factor >= 2**(62 - SUM_BITS)``.
+SUM_BITS = 46
+
+
+def _int_div_scale(e: Tensor, total: Tensor, k_out: int) -> Tensor:
+    """``(e * floor((2**62 - 1) / total)) >> (63 - k_out)`` ~= ``2**(k_out-1) * e / total``.
+
+    ``0 <= e <= total`` keeps ``e * factor <= 2**62 - 1``; the result lies in ``[0, 2**(k_out-1) - 1]``.
+    """
+    factor = torch.div(DIV_NUM, total, rounding_mode="floor")
+    return (e * factor) >> (63 - k_out)
+
+
 def shiftmax(x: Tensor, x0: int, n: int, k_out: int = 8, mask: Tensor | None = None) -> Tensor:
     """Shiftmax: integer softmax over the last dimension.
 
-    ``I_d = I - max(I)``; ``E = shift_exp(I_d, x0, n)``; masked positions get ``E = 0``;
-    ``factor = floor((2**31 - 1) / sum(E))``; ``out = (E * factor) >> (32 - k_out)``.
+    ``I_d = I - max(I)`` (max over unmasked positions, ``I_d`` clamped to ``<= 0``);
+    ``E = shift_exp(I_d, x0, n)``; masked positions get ``E = 0``;
+    ``out = (E * floor((2**62 - 1) / sum(E))) >> (63 - k_out)``.
 
     Output: unsigned probabilities in ``[0, 2**(k_out-1) - 1]`` at scale ``2**-(k_out-1)``,
-    stored as ``storage_dtype(k_out)`` (int8 for ``k_out = 8``).  Masked positions are exactly 0.
-    A fully masked row gives all zeros.
+    stored as ``storage_dtype(k_out)`` (int8 for ``k_out = 8``).  Masked positions are exactly 0;
+    a fully masked row is all zeros.  Rounding: floor (both the division and the shift).
 
-    Bounds: ``sum(E) <= N * |x0| * 2**n`` must not exceed ``2**31 - 1`` (``choose_shiftmax_n``
-    picks ``n`` so); then ``E * factor <= 2**31 - 1``.  Input ``|I| < 2**32``.
+    Bounds: ``sum(E) <= N * |x0| * 2**n <= 2**46`` (``choose_shiftmax_n``), so the factor keeps at
+    least 16 significant bits and ``E * factor <= 2**62 - 1``.  Input ``|I| < 2**32``.
     """
     xi = _i64(x)
-    xd = xi - xi.amax(dim=-1, keepdim=True)
+    if mask is not None:
+        xi = xi.masked_fill(mask, -(2**40))
+    xd = (xi - xi.amax(dim=-1, keepdim=True)).clamp_(max=0)
     e = shift_exp(xd, x0, n)
     if mask is not None:
         e = e.masked_fill(mask, 0)
     s = e.sum(dim=-1, keepdim=True).clamp_(min=1)
-    factor = torch.div(INT32_MAX, s, rounding_mode="floor")
-    out = (e * factor) >> (32 - k_out)
-    return out.to(storage_dtype(k_out))
+    return _int_div_scale(e, s, k_out).to(storage_dtype(k_out))
 
 
 def shiftgelu(x: Tensor, x0: int, n: int, k_out: int = 16) -> Tensor:
@@ -212,22 +231,22 @@ def shiftgelu(x: Tensor, x0: int, n: int, k_out: int = 16) -> Tensor:
 
     ``x0 = floor(-1 / (1.702 * S))`` folds the 1.702 into the scale offline.  The sigmoid uses
     an elementwise stabilizer ``m = max(I, 0)``:
-    ``sigmoid(t) = e^(t - m) / (e^(t - m) + e^(-m))``, both exponentials from ``shift_exp``,
-    so no exponent is ever positive and no exponent is clamped for ``|t| <= n ln 2``.
+    ``sigmoid(t) = e^(t - m) / (e^(t - m) + e^(-m))``, both exponentials from ``shift_exp``, so no
+    exponent is ever positive (the paper uses the row maximum; per element keeps the op
+    elementwise and exact for a lookup-table kernel).
 
     ``E1 = shift_exp(I - m)``, ``E2 = shift_exp(-m)``,
-    ``sig = (E1 * floor((2**31-1) / (E1 + E2))) >> (32 - k_out)``  (scale ``2**-(k_out-1)``),
+    ``sig = (E1 * floor((2**62 - 1) / (E1 + E2))) >> (63 - k_out)``  (scale ``2**-(k_out-1)``),
     ``out = I * sig``  at scale ``S * 2**-(k_out-1)``.
 
-    Bounds: ``E1 + E2 <= 2 * |x0| * 2**n <= 2**31 - 1`` (``choose_shiftgelu_n``);
+    Bounds: ``E1 + E2 <= 2 * |x0| * 2**n <= 2**46`` (``choose_shiftgelu_n``);
     ``|I| <= 2**15`` and ``k_out <= 16`` keep ``|out| < 2**31``.  Returns int32.
     """
     xi = _i64(x)
     m = xi.clamp(min=0)
     e1 = shift_exp(xi - m, x0, n)
     e2 = shift_exp(-m, x0, n)
-    factor = torch.div(INT32_MAX, e1 + e2, rounding_mode="floor")
-    sig = (e1 * factor) >> (32 - k_out)
+    sig = _int_div_scale(e1, e1 + e2, k_out)
     return (xi * sig).to(torch.int32)
 
 
@@ -383,15 +402,15 @@ def shift_exp_x0(scale: float) -> int:
 
 
 def choose_shiftmax_n(x0: int, length: int, n_max: int = 15) -> int:
-    """Largest ``n <= n_max`` with ``length * |x0| * 2**n <= 2**31 - 1`` (Shiftmax's sum bound)."""
+    """Largest ``n <= n_max`` with ``length * |x0| * 2**n <= 2**SUM_BITS`` (Shiftmax's sum bound)."""
     n = n_max
-    while n > 0 and length * (-x0) * (1 << n) > INT32_MAX:
+    while n > 0 and length * (-x0) * (1 << n) > 2**SUM_BITS:
         n -= 1
-    if length * (-x0) * (1 << n) > INT32_MAX:
+    if length * (-x0) * (1 << n) > 2**SUM_BITS:
         raise ValueError(f"Shiftmax cannot bound the sum for length={length}, x0={x0}")
     return n
 
 
 def choose_shiftgelu_n(x0: int, n_max: int = 23) -> int:
-    """Largest ``n <= n_max`` with ``2 * |x0| * 2**n <= 2**31 - 1`` (ShiftGELU's sum bound)."""
+    """Largest ``n <= n_max`` with ``2 * |x0| * 2**n <= 2**SUM_BITS`` (ShiftGELU's sum bound)."""
     return choose_shiftmax_n(x0, 2, n_max)

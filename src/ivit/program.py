@@ -123,7 +123,7 @@ def _checksum(graph: str, consts: dict[str, Tensor]) -> str:
     for name in sorted(consts):
         t = consts[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

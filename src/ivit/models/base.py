@@ -10,10 +10,9 @@ from torch import Tensor, nn
 from .. import ops
 from ..config import QuantConfig
 from ..errors import IvitError
-from ..layers import QLinear
 from ..qtensor import QTensor
 
-__all__ = ["QModel", "fold_patch_embed", "check_pixels"]
+__all__ = ["QModel", "check_pixels"]
 
 
 def check_pixels(pixels: Tensor, in_chans: int, img_size: tuple[int, int]) -> None:
@@ -28,26 +27,6 @@ def check_pixels(pixels: Tensor, in_chans: int, img_size: tuple[int, int]) -> No
         )
     if pixels.shape[0] == 0:
         raise IvitError("empty batch")
-
-
-def fold_patch_embed(conv: nn.Conv2d, mean: tuple[float, ...], std: tuple[float, ...],
-                     per_channel: bool) -> QLinear:
-    """Turn ``conv((p/255 - mean)/std)`` into a linear layer on int8 patches ``p - 128``.
-
-    ``w' = w / (255 std_c)``, ``b' = b - sum(w * mean_c / std_c) + 128 * sum(w')`` so that
-    ``linear(patchify(p), w', b') == conv(normalize(p))`` in exact arithmetic.
-    """
-    w = conv.weight.detach().to(torch.float64)  # (C_out, C_in, p, p)
-    std_t = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
-    wf = w / (255.0 * std_t)
-    b = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    b = b - (w * mean_t / std_t).sum(dim=(1, 2, 3)) + 128.0 * wf.sum(dim=(1, 2, 3))
-    lin = QLinear(wf[0].numel(), w.shape[0], True, per_channel)
-    with torch.no_grad():
-        lin.weight.copy_(wf.reshape(w.shape[0], -1).to(torch.float32))
-        lin.bias.copy_(b.to(torch.float32))
-    return lin
 
 
 class QModel(nn.Module):

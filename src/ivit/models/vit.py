@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from .. import ops
 from ..config import QuantConfig
 from ..errors import IvitError
-from ..layers import QAct, QEmbed, QLayerNorm, QLinear, QResidualAdd, QShiftGELU, QShiftmax
+from ..layers import QAct, QEmbed, QLayerNorm, QLinear, QPatchEmbed, QResidualAdd, QShiftGELU, QShiftmax
 from ..qtensor import QTensor, carry
-from .base import QModel, fold_patch_embed
+from .base import QModel
 
 __all__ = ["QAttention", "QMlp", "QBlock", "QViT"]
 
@@ -183,7 +183,7 @@ class QViT(QModel):
                     mean=list(mean), std=list(std))
         super().__init__(cfg, img_size, in_chans, patch_size, num_classes, meta)
         num_patches = (img_size[0] // patch_size) * (img_size[1] // patch_size)
-        self.patch_embed = QLinear(in_chans * patch_size**2, embed_dim, True, cfg.per_channel_weights)
+        self.patch_embed = QPatchEmbed(in_chans, patch_size, embed_dim, mean, std, cfg.per_channel_weights)
         self.embed = QEmbed(embed_dim, num_patches, 1, cfg.residual_bits, cfg.momentum)
         self.blocks = nn.ModuleList([QBlock(embed_dim, num_heads, mlp_hidden, cfg) for _ in range(depth)])
         self.norm = QLayerNorm(embed_dim, cfg.act_bits, cfg.momentum)
@@ -220,7 +220,7 @@ class QViT(QModel):
         m = cls(img_size=tuple(pe.img_size), patch_size=p, in_chans=conv.in_channels,
                 num_classes=model.head.out_features, embed_dim=model.embed_dim, depth=len(model.blocks),
                 num_heads=blk0.attn.num_heads, mlp_hidden=blk0.mlp.fc1.out_features, mean=mean, std=std, cfg=cfg)
-        m.patch_embed = fold_patch_embed(conv, mean, std, cfg.per_channel_weights)
+        m.patch_embed = QPatchEmbed.from_conv(conv, mean, std, cfg.per_channel_weights)
         with torch.no_grad():
             m.embed.cls_token.copy_(model.cls_token)
             m.embed.pos_embed.copy_(model.pos_embed)

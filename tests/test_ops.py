@@ -1,0 +1,1156 @@
+"""Tests for ``ivit.ops``: the integer reference ops that every backend must match bit for bit.
+
+Three kinds of checks:
+
+* Exactness: each op equals a pure-Python big-int evaluation of the formula in its docstring.
+  Python ints never overflow, so equality also proves that no int64/int32 intermediate wrapped.
+* Error bounds: each op against the float function it approximates, on realistic inputs.  Every
+  bound was measured first; the measured value is written next to the asserted bound.
+* Extremes, dtypes, devices and batch independence.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Callable
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ivit import ops
+from ivit.ops import INT32_MAX, LN_Z_BITS
+
+# ---------------------------------------------------------------------------------------------
+# Pure-Python big-int references, written from the docstrings (not from the torch code).
+# ---------------------------------------------------------------------------------------------
+
+#: Shiftmax/ShiftGELU spec constants, written out (not imported) so the references stay independent.
+DIV_NUM = 2**62 - 1  # factor = floor(DIV_NUM / sum(E)), output = (E * factor) >> (63 - k_out)
+SUM_MAX = 2**46  # choose_shiftmax_n / choose_shiftgelu_n keep sum(E) <= SUM_MAX
+
+
+def ref_round_half_up(v: int, s: int) -> int:
+    """``floor(v / 2**s + 1/2)`` with exact rationals."""
+    return math.floor(Fraction(v, 1 << s) + Fraction(1, 2))
+
+
+def ref_clamp(v: int, bits: int) -> int:
+    m = (1 << (bits - 1)) - 1
+    return max(-m, min(m, v))
+
+
+def ref_requantize(v: int, b: int, c: int, bits: int) -> int:
+    return ref_clamp(ref_round_half_up(v * b, c), bits)
+
+
+def ref_shift_exp(i: int, x0: int, n: int) -> int:
+    """ShiftExp, steps 1-4 of ``ops.shift_exp``; asserts the documented ranges of ``q`` and ``r``."""
+    ip = i + i // 2 - i // 16
+    ip = max(ip, n * x0)
+    q = ip // x0
+    r = ip - q * x0
+    assert 0 <= q <= n and x0 < r <= 0
+    return (r // 2 - x0) * 2 ** (n - q)
+
+
+def ref_shiftmax(row: list[int], x0: int, n: int, k_out: int, mask: list[bool] | None = None
+                 ) -> tuple[list[int], int, int]:
+    """Shiftmax of one row; returns ``(out, sum(E), max(E * factor))``.
+
+    The max runs over unmasked positions only; masked positions get ``E = 0`` whatever their score.
+    """
+    keep = [True] * len(row) if mask is None else [not mk for mk in mask]
+    mx = max((v for v, k in zip(row, keep, strict=True) if k), default=0)
+    e = [ref_shift_exp(min(v - mx, 0), x0, n) if k else 0 for v, k in zip(row, keep, strict=True)]
+    factor = DIV_NUM // max(sum(e), 1)
+    prods = [ei * factor for ei in e]
+    return [p // 2 ** (63 - k_out) for p in prods], sum(e), max(prods)
+
+
+def ref_shiftgelu(i: int, x0: int, n: int, k_out: int) -> tuple[int, int]:
+    """ShiftGELU of one value; returns ``(out, E1 + E2)``."""
+    m = max(i, 0)
+    e1 = ref_shift_exp(i - m, x0, n)
+    e2 = ref_shift_exp(-m, x0, n)
+    sig = (e1 * (DIV_NUM // (e1 + e2))) // 2 ** (63 - k_out)
+    return i * sig, e1 + e2
+
+
+def ref_ilayernorm(row: list[int], mult: list[int], shift: list[int], offset: list[int], bits: int
+                   ) -> tuple[list[int], dict[str, int]]:
+    """I-LayerNorm of one token; returns the output and the intermediates' extremes."""
+    c = len(row)
+    mean = (2 * sum(row) + c) // (2 * c)
+    y = [v - mean for v in row]
+    var = sum(v * v for v in y)
+    std = math.isqrt(var)
+    factor = INT32_MAX // max(std, 1)
+    z = [(v * factor) // 2 ** (31 - LN_Z_BITS) for v in y]
+    zb = [zi * b for zi, b in zip(z, mult, strict=True)]
+    out = [ref_clamp(ref_round_half_up(p, s) + o, bits) for p, s, o in zip(zb, shift, offset, strict=True)]
+    stats = {"var": var, "max_y": max(abs(v) for v in y), "max_yf": max(abs(v * factor) for v in y),
+             "max_z": max(abs(v) for v in z), "max_zb": max(abs(v) for v in zb), "std": std}
+    return out, stats
+
+
+def ref_int_mean(vals: list[int]) -> int:
+    return math.floor(Fraction(sum(vals), len(vals)) + Fraction(1, 2))
+
+
+def rows(t: Tensor) -> list[list[int]]:
+    return t.reshape(-1, t.shape[-1]).tolist()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randint(lo: int, hi: int, shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.int64) -> Tensor:
+    """Uniform integers in ``[lo, hi]``."""
+    return torch.randint(lo, hi + 1, shape, generator=gen(seed), dtype=torch.int64).to(dtype)
+
+
+def ln_constants(gamma: Tensor, beta: Tensor, s_out: float) -> tuple[Tensor, Tensor, Tensor]:
+    """I-LayerNorm's folded constants as the ``ilayernorm`` docstring defines them."""
+    c = gamma.shape[-1]
+    mult, shift = ops.dyadic(gamma.double() * math.sqrt(c) / 2**LN_Z_BITS / s_out)
+    offset = torch.round(beta.double() / s_out).to(torch.int64)
+    return mult, shift, offset
+
+
+# ---------------------------------------------------------------------------------------------
+# round_shift, requantize, add_requantize
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_int64(count: int, max_bits: int, seed: int) -> list[int]:
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(count):
+        bits = rnd.randint(0, max_bits)
+        out.append(rnd.choice((-1, 1)) * rnd.randrange(1 << bits))
+    return out
+
+
+def test_round_shift_matches_bigint_random() -> None:
+    xs = _random_int64(3000, 61, seed=1)
+    rnd = random.Random(2)
+    shifts = [rnd.randint(1, 62) for _ in xs]
+    got = ops.round_shift(torch.tensor(xs), torch.tensor(shifts)).tolist()
+    assert got == [ref_round_half_up(x, s) for x, s in zip(xs, shifts, strict=True)]
+    for s in (1, 2, 7, 31, 45, 62):  # python-int shift path
+        got = ops.round_shift(torch.tensor(xs), s).tolist()
+        assert got == [ref_round_half_up(x, s) for x in xs]
+
+
+def test_round_shift_ties_go_toward_plus_infinity() -> None:
+    x = torch.tensor([1, 3, 5, -1, -3, -5, 2, -2, 0, 6, -6, 7, -7])
+    assert ops.round_shift(x, 1).tolist() == [1, 2, 3, 0, -1, -2, 1, -1, 0, 3, -3, 4, -3]
+    # +-(k + 1/2) * 2**s for several s, big magnitudes included.
+    for s in (2, 10, 40, 62):
+        half = 1 << (s - 1)
+        for k in (0, 1, 2, 1000, (1 << (62 - s)) - 1):
+            v = k * (1 << s) + half
+            if v + half >= 1 << 63:
+                continue
+            assert ops.round_shift(torch.tensor([v, -v]), s).tolist() == [k + 1, -k]
+    # Just off the tie: ordinary round-to-nearest.
+    assert ops.round_shift(torch.tensor([5, 4, -5, -4, -6]), 3).tolist() == [1, 1, -1, 0, -1]
+
+
+def test_round_shift_broadcasts_tensor_shift() -> None:
+    x = torch.tensor([[1000, -1000], [12345, -12345]])
+    shift = torch.tensor([3, 5])
+    want = [[ref_round_half_up(v, s) for v, s in zip(r, (3, 5), strict=True)] for r in x.tolist()]
+    assert ops.round_shift(x, shift).tolist() == want
+
+
+@pytest.mark.parametrize("bits", [8, 16, 32])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_requantize_matches_bigint(bits: int, per_channel: bool) -> None:
+    n_ch = 24
+    x = randint(-(2**31) + 1, 2**31 - 1, (40, n_ch), seed=3)
+    x[:5] = randint(-(2**15), 2**15, (5, n_ch), seed=4)  # realistic small accumulators too
+    if per_channel:
+        mult = randint(-(2**31) + 1, 2**31 - 1, (n_ch,), seed=5)
+        shift = randint(1, 62, (n_ch,), seed=6)
+    else:
+        mult, shift = torch.tensor(1_518_500_250), torch.tensor(44)
+    out = ops.requantize(x, mult, shift, bits)
+    assert out.dtype == ops.storage_dtype(bits)
+    mb = mult.expand(n_ch).tolist()
+    sb = shift.expand(n_ch).tolist()
+    want = [[ref_requantize(v, mb[j], sb[j], bits) for j, v in enumerate(r)] for r in x.tolist()]
+    assert out.tolist() == want
+
+
+def test_requantize_extremes_do_not_overflow() -> None:
+    big = 2**31 - 1
+    x = torch.tensor([big, -big, big, -big, 1, -1, 0])
+    for b, c in itertools.product((big, -big, 1, 2**30), (1, 31, 61, 62)):
+        got = ops.requantize(x, torch.tensor(b), torch.tensor(c), 32).tolist()
+        assert got == [ref_requantize(v, b, c, 32) for v in x.tolist()], (b, c)
+
+
+def test_requantize_with_dyadic_constants_tracks_float_rescale() -> None:
+    x = randint(-(2**20), 2**20, (4000,), seed=7)
+    for ratio in (0.0123, 3.7e-5, 0.9, 1.5):
+        b, c = ops.dyadic(ratio)
+        out = ops.requantize(x, b, c, 32).double()
+        # b/2**c is within 2**-31 of ratio, so |err| <= 0.5 + |x| * ratio * 2**-31.
+        assert float((out - x.double() * ratio).abs().max()) <= 0.5 + 2**20 * ratio * 2**-30
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_add_requantize_matches_bigint(per_channel: bool) -> None:
+    n_ch = 16
+    a = randint(-32767, 32767, (30, n_ch), seed=8, dtype=torch.int16)
+    b = randint(-(2**31) + 1, 2**31 - 1, (30, n_ch), seed=9, dtype=torch.int32)
+    b[:3] = randint(-127, 127, (3, n_ch), seed=10, dtype=torch.int32)
+    if per_channel:
+        ma, sa = randint(-(2**31) + 1, 2**31 - 1, (n_ch,), seed=11), randint(1, 62, (n_ch,), seed=12)
+        mb, sb = randint(-(2**31) + 1, 2**31 - 1, (n_ch,), seed=13), randint(20, 62, (n_ch,), seed=14)
+    else:
+        ma, sa = torch.tensor(1 << 30), torch.tensor(31)
+        mb, sb = torch.tensor(1_234_567_891), torch.tensor(50)
+    out = ops.add_requantize(a, b, ma, sa, mb, sb, 16)
+    assert out.dtype == torch.int16
+    lists = [t.expand(n_ch).tolist() for t in (ma, sa, mb, sb)]
+    want = [
+        [ref_clamp(ref_round_half_up(va * lists[0][j], lists[1][j])
+                   + ref_round_half_up(vb * lists[2][j], lists[3][j]), 16)
+         for j, (va, vb) in enumerate(zip(ra, rb, strict=True))]
+        for ra, rb in zip(a.tolist(), b.tolist(), strict=True)
+    ]
+    assert out.tolist() == want
+
+
+def test_add_requantize_rounds_each_branch_then_clamps_once() -> None:
+    one, sh = torch.tensor(1), torch.tensor(1)
+    # 1/2 + 1/2: each branch rounds up to 1 -> 2 (a single rounding of the sum would give 1).
+    assert ops.add_requantize(torch.tensor([1]), torch.tensor([1]), one, sh, one, sh, 8).item() == 2
+    # -1/2 + -1/2: each branch rounds toward +inf to 0.
+    assert ops.add_requantize(torch.tensor([-1]), torch.tensor([-1]), one, sh, one, sh, 8).item() == 0
+    # 100 + 100 clamps to 127 once; 200 + (-100) is not clamped branch-wise.
+    x = torch.tensor([200, 400])
+    y = torch.tensor([200, -200])
+    assert ops.add_requantize(x, y, one, sh, one, sh, 8).tolist() == [127, 100]
+
+
+# ---------------------------------------------------------------------------------------------
+# dyadic
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_dyadic(r: float, b: int, c: int) -> None:
+    assert abs(b) < 2**31 and 1 <= c <= 62, (r, b, c)
+    got = Fraction(b, 1 << c)
+    if abs(r) >= 2**-32:  # c <= 62 leaves the full 31-bit mantissa
+        assert abs(got - Fraction(r)) <= Fraction(abs(r)) * Fraction(1, 2**30), (r, b, c)
+        assert b != 0 and (b > 0) == (r > 0)
+    else:  # shifted down to c = 62: half an LSB of 2**-62 (plus the first rounding)
+        assert c == 62 or b == 0
+        assert abs(got - Fraction(r)) <= Fraction(1, 2**62), (r, b, c)
+        assert b == 0 or (b > 0) == (r > 0)
+
+
+def test_dyadic_relative_error_over_wide_log_range() -> None:
+    # 1e-12 .. 1e8 log-spaced plus random mantissas; both signs.
+    rnd = random.Random(15)
+    ratios = [10.0 ** (k / 50) for k in range(-600, 401)]
+    ratios += [10.0 ** rnd.uniform(-12, 8) for _ in range(1000)]
+    ratios += [-r for r in ratios[::3]]
+    b, c = ops.dyadic(torch.tensor(ratios, dtype=torch.float64))
+    assert b.dtype == torch.int64 and c.dtype == torch.int64 and b.shape == (len(ratios),)
+    worst = 0.0
+    for r, bi, ci in zip(ratios, b.tolist(), c.tolist(), strict=True):
+        _check_dyadic(r, bi, ci)
+        if abs(r) >= 2**-32:
+            worst = max(worst, abs(bi / 2**ci - r) / abs(r))
+    assert worst <= 2**-31  # measured 4.57e-10 = 0.98 * 2**-31 (half an LSB of the 31-bit mantissa)
+
+
+def test_dyadic_tiny_ratios_shift_down_toward_zero() -> None:
+    # Below 2**-32, c is capped at 62: precision becomes absolute (2**-63), never the wrong sign.
+    tiny = [2.0**-32, 2.0**-33, 1e-12, 3e-15, 2.0**-62, 2.0**-63, 2.0**-64, 2.0**-94, 2.0**-95,
+            2.0**-96, 2.0**-97, 1e-29, 1e-40, 1e-300, 5e-324]
+    for r in tiny + [-t for t in tiny]:
+        b, c = ops.dyadic(r)
+        _check_dyadic(r, int(b), int(c))
+    assert [int(v) for v in ops.dyadic(2.0**-63)] == [1, 62]  # tie rounds up
+    assert [int(v) for v in ops.dyadic(-(2.0**-63))] == [0, 1]  # tie toward +inf
+    for r in (2.0**-96, -(2.0**-96), 1e-300, -1e-300, 5e-324):
+        assert [int(v) for v in ops.dyadic(r)] == [0, 1]
+
+
+def test_dyadic_special_values() -> None:
+    assert [int(v) for v in ops.dyadic(0.0)] == [0, 1]
+    assert [int(v) for v in ops.dyadic(-0.0)] == [0, 1]
+    assert [int(v) for v in ops.dyadic(1.0)] == [2**30, 30]
+    assert [int(v) for v in ops.dyadic(-0.75)] == [-3 * 2**29, 31]
+    # Mantissa rounds up to 1.0: b would be 2**31; it is halved and c reduced instead.
+    for r, want in ((1 - 2.0**-40, (2**30, 30)), (-(1 - 2.0**-40), (-(2**30), 30)),
+                    ((1 - 2.0**-35) * 2.0**-20, (2**30, 50)), ((1 - 2.0**-33) * 2.0**29, (2**30, 1))):
+        assert tuple(int(v) for v in ops.dyadic(r)) == want
+    # Negative ratios mirror positive ones (round half to even is symmetric).
+    rs = torch.tensor([0.3, 1e-5, 7.25, 123456.789], dtype=torch.float64)
+    bp, cp = ops.dyadic(rs)
+    bn, cn = ops.dyadic(-rs)
+    assert torch.equal(bn, -bp) and torch.equal(cn, cp)
+    # Shape follows the input.
+    b, c = ops.dyadic(torch.full((3, 4), 0.01))
+    assert b.shape == (3, 4) and c.shape == (3, 4)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_dyadic_non_finite_raises(bad: float) -> None:
+    with pytest.raises(ValueError):
+        ops.dyadic(bad)
+    with pytest.raises(ValueError):
+        ops.dyadic(torch.tensor([0.5, bad, 0.25], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("big", [2.0**30, 2.0**30 * (1 - 2.0**-33), 1e10, -(2.0**31)])
+def test_dyadic_too_large_raises(big: float) -> None:
+    with pytest.raises(ValueError):
+        ops.dyadic(big)
+
+
+def test_dyadic_just_below_limit_is_accepted() -> None:
+    b, c = ops.dyadic(1.5 * 2.0**29)
+    assert int(c) == 1 and int(b) == 3 * 2**29
+    b, c = ops.dyadic(1e8)
+    _check_dyadic(1e8, int(b), int(c))
+
+
+# ---------------------------------------------------------------------------------------------
+# int_linear, int_matmul
+# ---------------------------------------------------------------------------------------------
+
+
+def _extreme_int8(shape: tuple[int, ...], seed: int, lo: int = -128) -> Tensor:
+    """int8 values mostly at the extremes ``lo``/127, some random."""
+    g = gen(seed)
+    pick = torch.randint(0, 3, shape, generator=g)
+    rnd = torch.randint(lo, 128, shape, generator=g)
+    return torch.where(pick == 0, lo, torch.where(pick == 1, 127, rnd)).to(torch.int8)
+
+
+@pytest.mark.parametrize("k", [3, 64, 3072])
+def test_int_linear_exact_against_float64(k: int) -> None:
+    x = _extreme_int8((2, 5, k), seed=16)
+    w = _extreme_int8((12, k), seed=17, lo=-127)
+    bias = randint(-(2**30) + 1, 2**30 - 1, (12,), seed=18, dtype=torch.int32)
+    # Worst-case rows: all -128 against all -127 / 127, and the largest allowed bias.
+    x[0, 0] = -128
+    x[0, 1] = 127
+    w[0] = -127
+    w[1] = 127
+    bias[0] = 2**30 - 1
+    bias[1] = -(2**30) + 1
+    out = ops.int_linear(x, w, bias)
+    assert out.dtype == torch.int32 and out.shape == (2, 5, 12)
+    ref = x.double() @ w.double().t() + bias.double()  # exact: every value < 2**53
+    assert torch.equal(out.double(), ref)
+    assert torch.equal(ops.int_linear(x, w).double(), x.double() @ w.double().t())
+    if k == 3072:
+        assert int(out[0, 0, 0]) == 3072 * 128 * 127 + 2**30 - 1  # 1.12e9 < 2**31 - 1
+
+
+def test_int_linear_python_reference_small() -> None:
+    x = randint(-128, 127, (3, 7), seed=19, dtype=torch.int8)
+    w = randint(-127, 127, (4, 7), seed=20, dtype=torch.int8)
+    bias = torch.tensor([5, -6, 2**29, -(2**29)], dtype=torch.int32)
+    want = [[sum(a * b for a, b in zip(r, wr, strict=True)) + bb for wr, bb in zip(w.tolist(), bias.tolist(),
+                                                                                   strict=True)]
+            for r in x.tolist()]
+    assert ops.int_linear(x, w, bias).tolist() == want
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_int_matmul_exact_against_float64(transpose_b: bool) -> None:
+    a = _extreme_int8((2, 3, 6, 3072), seed=21)
+    b = _extreme_int8((2, 3, 5, 3072) if transpose_b else (2, 3, 3072, 5), seed=22)
+    a[0, 0, 0] = -128
+    if transpose_b:
+        b[0, 0, 0] = -128
+    else:
+        b[0, 0, :, 0] = -128
+    out = ops.int_matmul(a, b, transpose_b=transpose_b)
+    assert out.dtype == torch.int32 and out.shape == (2, 3, 6, 5)
+    bd = b.double().transpose(-1, -2) if transpose_b else b.double()
+    assert torch.equal(out.double(), a.double() @ bd)
+    assert int(out[0, 0, 0, 0]) == 3072 * 128 * 128
+
+
+def test_int_linear_and_matmul_require_int8() -> None:
+    x8 = torch.zeros(2, 4, dtype=torch.int8)
+    for bad in (torch.int16, torch.int32, torch.int64, torch.uint8, torch.float32):
+        with pytest.raises(TypeError):
+            ops.int_linear(x8.to(bad), x8)
+        with pytest.raises(TypeError):
+            ops.int_linear(x8, x8.to(bad))
+        with pytest.raises(TypeError):
+            ops.int_matmul(x8.to(bad), x8.t().contiguous())
+        with pytest.raises(TypeError):
+            ops.int_matmul(x8, x8.to(bad), transpose_b=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# isqrt
+# ---------------------------------------------------------------------------------------------
+
+
+def test_isqrt_exhaustive_small() -> None:
+    v = torch.arange(0, 100_001)
+    out = ops.isqrt(v)
+    assert out.dtype == torch.int64
+    assert out.tolist() == [math.isqrt(i) for i in range(100_001)]
+
+
+def _isqrt_hard_values() -> list[int]:
+    rnd = random.Random(23)
+    vals = {2**62 - 1, 2**62 - 2, 0, 1, 2, 3}
+    for j in range(63):  # powers of two: the start 2**ceil(bitlen/2) is furthest above sqrt here
+        vals.update(v for v in ((1 << j) - 1, 1 << j, (1 << j) + 1) if 0 <= v < 2**62)
+    ks = [rnd.randrange(1, 2**31) for _ in range(3000)] + [2**31 - 1, 2**31 - 2, 2**30, 2**15 + 1]
+    for k in ks:  # around perfect squares
+        vals.update(v for v in (k * k - 1, k * k, k * k + 1) if 0 <= v < 2**62)
+    vals.update(rnd.randrange(2**62) for _ in range(3000))
+    vals.update(rnd.randrange(2**bits) for bits in range(1, 63) for _ in range(20))
+    vals.add(1_493_005_299_245_121_599)  # needs 6 Newton updates: the most found
+    return sorted(vals)
+
+
+def test_isqrt_random_and_near_perfect_squares() -> None:
+    vals = _isqrt_hard_values()
+    out = ops.isqrt(torch.tensor(vals)).tolist()
+    for v, k in zip(vals, out, strict=True):
+        assert k == math.isqrt(v)
+        assert k * k <= v < (k + 1) * (k + 1)  # exactly floor(sqrt(v))
+
+
+def _newton_updates(v: int) -> int:
+    """Number of changing Newton steps ``isqrt`` performs before reaching its fixed point."""
+    k = 1 << ((v.bit_length() + 1) // 2)
+    steps = 0
+    while True:
+        nk = min(k, (k + v // max(k, 1)) // 2)
+        if nk == k:
+            return steps
+        k, steps = nk, steps + 1
+
+
+def test_isqrt_iteration_count_is_enough() -> None:
+    vals = _isqrt_hard_values()
+    worst = max(_newton_updates(v) for v in vals)
+    assert worst <= 6  # measured: 6 (e.g. 1493005299245121599); the docstring says 7 suffice
+    assert _newton_updates(1_493_005_299_245_121_599) == 6
+    t = torch.tensor(vals)
+    want = [math.isqrt(v) for v in vals]
+    # 6 updates reach floor(sqrt) everywhere; the default budget (10) leaves room.
+    assert ops.isqrt(t, max_iter=6).tolist() == want
+    assert ops.isqrt(t, max_iter=7).tolist() == want
+    # ...and the budget really is load-bearing: 5 steps are too few for the hardest value.
+    hard = torch.tensor([1_493_005_299_245_121_599])
+    assert ops.isqrt(hard, max_iter=5).item() != math.isqrt(1_493_005_299_245_121_599)
+
+
+def test_isqrt_zero_and_errors() -> None:
+    assert ops.isqrt(torch.zeros(5, dtype=torch.int64)).tolist() == [0] * 5
+    assert ops.isqrt(torch.tensor([[0, 1], [0, 2**62 - 1]])).tolist() == [[0, 1], [0, 2**31 - 1]]
+    with pytest.raises(ValueError):
+        ops.isqrt(torch.tensor([4, -1]))
+    for bad in (torch.float16, torch.float32, torch.float64, torch.bool):
+        with pytest.raises(TypeError):
+            ops.isqrt(torch.ones(3, dtype=bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# int_mean, patchify, embed_tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def test_int_mean_rounds_half_up() -> None:
+    assert ops.int_mean(torch.tensor([1, 2]), 0).item() == 2  # 1.5 -> 2
+    assert ops.int_mean(torch.tensor([-1, -2]), 0).item() == -1  # -1.5 -> -1
+    assert ops.int_mean(torch.tensor([-1, 0, 0, 0]), 0).item() == 0  # -0.25 -> 0
+    assert ops.int_mean(torch.tensor([-3, 0, 0, 0]), 0).item() == -1  # -0.75 -> -1
+    assert ops.int_mean(torch.tensor([1, 1, 2]), 0).item() == 1  # 1.33 -> 1
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_int_mean_matches_bigint(dtype: torch.dtype) -> None:
+    info = torch.iinfo(dtype)
+    x = randint(info.min, info.max, (4, 197, 6), seed=24, dtype=dtype)
+    for dim in (0, 1, 2, -1):
+        out = ops.int_mean(x, dim)
+        assert out.dtype == dtype
+        moved = x.movedim(dim, -1)
+        want = [ref_int_mean(r) for r in rows(moved)]
+        assert out.reshape(-1).tolist() == want
+
+
+@pytest.mark.parametrize("patch,hw", [(16, (32, 48)), (4, (8, 8)), (14, (28, 28))])
+def test_patchify_matches_unfold_and_conv(patch: int, hw: tuple[int, int]) -> None:
+    h, w = hw
+    px = randint(0, 255, (2, 3, h, w), seed=25, dtype=torch.uint8)
+    px[0, 0, 0, 0], px[0, 1, 0, 1] = 0, 255
+    p = ops.patchify(px, patch)
+    assert p.dtype == torch.int8 and p.shape == (2, (h // patch) * (w // patch), 3 * patch * patch)
+    shifted = px.double() - 128
+    unf = F.unfold(shifted, kernel_size=patch, stride=patch).transpose(1, 2)  # (B, L, C*p*p)
+    assert torch.equal(p.double(), unf)
+    weight = randint(-127, 127, (7, 3, patch, patch), seed=26).double()
+    conv = F.conv2d(shifted, weight, stride=patch)  # (B, 7, gh, gw)
+    conv = conv.flatten(2).transpose(1, 2)  # (B, L, 7)
+    assert torch.equal(conv, p.double() @ weight.reshape(7, -1).t())  # exact in float64
+
+
+def test_patchify_requires_uint8() -> None:
+    with pytest.raises(TypeError):
+        ops.patchify(torch.zeros(1, 3, 16, 16, dtype=torch.int8), 16)
+    with pytest.raises(TypeError):
+        ops.patchify(torch.zeros(1, 3, 16, 16), 16)
+
+
+def test_embed_tokens_matches_bigint() -> None:
+    b_, l_, c_ = 2, 5, 6
+    acc = randint(-(2**31) + 1, 2**31 - 1, (b_, l_, c_), seed=27, dtype=torch.int32)
+    mult = randint(1, 2**31 - 1, (c_,), seed=28)
+    shift = randint(30, 62, (c_,), seed=29)
+    prefix = randint(-40000, 40000, (1, c_), seed=30, dtype=torch.int32)
+    pos = randint(-40000, 40000, (l_, c_), seed=31, dtype=torch.int32)
+    out = ops.embed_tokens(acc, mult, shift, prefix, pos, bits=16)
+    assert out.dtype == torch.int16 and out.shape == (b_, 1 + l_, c_)
+    m, s, pre, ps = mult.tolist(), shift.tolist(), prefix.tolist()[0], pos.tolist()
+    for bi, tok in enumerate(acc.tolist()):
+        assert out[bi, 0].tolist() == [ref_clamp(v, 16) for v in pre]
+        for li, r in enumerate(tok):
+            want = [ref_clamp(ref_round_half_up(v * m[j], s[j]) + ps[li][j], 16) for j, v in enumerate(r)]
+            assert out[bi, 1 + li].tolist() == want
+    assert ops.embed_tokens(acc, mult, shift, None, pos).shape == (b_, l_, c_)
+
+
+# ---------------------------------------------------------------------------------------------
+# shift_exp
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("x0,n", [(-1, 23), (-4, 20), (-1311, 12), (-7646, 15), (-587_545, 10)])
+def test_shift_exp_matches_bigint_and_bounds(x0: int, n: int) -> None:
+    i = torch.cat([randint(-3 * abs(x0) * n, 0, (2000,), seed=32), torch.tensor([0, -1, -2, -(2**40)])])
+    e = ops.shift_exp(i, x0, n)
+    assert e.dtype == torch.int64
+    assert e.tolist() == [ref_shift_exp(v, x0, n) for v in i.tolist()]
+    assert bool((e > 0).all()) and bool((e <= -x0 * 2**n).all())
+    assert int(e[-4]) == -x0 << n  # exp(0) -> |x0| * 2**n
+    assert int(e[-1]) == -x0  # clamped exponent: 2**-n
+
+
+@pytest.mark.parametrize("scale", [1e-4, 7e-4, 1e-2])
+def test_shift_exp_approximates_exp(scale: float) -> None:
+    x0, n = ops.shift_exp_x0(scale), 15
+    lim = math.floor(n * math.log(2) / scale / 1.01)  # exponents that are not clamped
+    i = torch.arange(-lim, 1)
+    ratio = ops.shift_exp(i, x0, n).double() / (-x0 * 2**n) / torch.exp(scale * i.double())
+    # measured ratio range: [0.99686, 1.10653] (1e-2; 1e-4 and 7e-4: [0.99999, 1.1047]); the linear
+    # 2**f ~= 1 + f/2 overestimates by up to 6.2% and I_p's 1.0111b ~= log2 e adds ~0.3% per unit of S*I.
+    assert float(ratio.min()) >= 0.996 and float(ratio.max()) <= 1.108
+
+
+def test_shift_exp_rejects_bad_x0() -> None:
+    with pytest.raises(ValueError):
+        ops.shift_exp(torch.tensor([0, -1]), 0, 15)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shiftmax
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_scores(n_rows: int, length: int, std: float, seed: int) -> tuple[Tensor, float]:
+    """Attention-like float scores (std ``std``) quantized to 16 bits; returns ``(I int16, S)``."""
+    s = torch.randn(n_rows, length, generator=gen(seed), dtype=torch.float64) * std
+    scale = float(s.abs().max()) / 32767
+    return ops.quantize_symmetric(s, scale, 16), scale
+
+
+def shiftmax_errors(length: int, k_out: int) -> tuple[float, float, float]:
+    """Over std 1..5: (max |p - softmax|, min row sum, max row sum) of the dequantized output."""
+    worst, lo, hi = 0.0, math.inf, -math.inf
+    for std in (1.0, 2.0, 3.0, 5.0):
+        for seed in range(3):
+            q, scale = attention_scores(64, length, std, seed=100 * seed + int(std))
+            x0 = ops.shift_exp_x0(scale)
+            n = ops.choose_shiftmax_n(x0, length)
+            p = ops.shiftmax(q, x0, n, k_out=k_out).double() / 2 ** (k_out - 1)
+            ref = torch.softmax(scale * q.double(), dim=-1)
+            worst = max(worst, float((p - ref).abs().max()))
+            sums = p.sum(-1)
+            lo, hi = min(lo, float(sums.min())), max(hi, float(sums.max()))
+    return worst, lo, hi
+
+
+# (length, k_out): (max abs error bound, lowest row sum bound); measured values in the comments.
+# The error is ShiftExp's (up to +10% on each E, see test_shift_exp_approximates_exp); the division
+# adds less than one output LSB.  Row sums lose < 1 LSB per element to the final floor.
+SHIFTMAX_BOUNDS = {
+    (197, 8): (0.025, 0.30),  # measured 0.02231, row sums 0.32812 .. 0.99219
+    (49, 8): (0.026, 0.75),  # measured 0.02307, row sums 0.77344 .. 0.99219
+    (8, 8): (0.026, 0.94),  # measured 0.02278, row sums 0.95312 .. 0.99219
+    (197, 16): (0.019, 0.9935),  # measured 0.01640, row sums 0.99408 .. 0.99808
+    (49, 16): (0.018, 0.9983),  # measured 0.01562, row sums 0.99854 .. 0.99945
+    (8, 16): (0.018, 0.9997),  # measured 0.01545, row sums 0.99979 .. 0.99994
+}
+
+
+@pytest.mark.parametrize("length,k_out", list(SHIFTMAX_BOUNDS))
+def test_shiftmax_error_vs_softmax(length: int, k_out: int) -> None:
+    err_bound, sum_lo = SHIFTMAX_BOUNDS[(length, k_out)]
+    worst, lo, hi = shiftmax_errors(length, k_out)
+    assert worst <= err_bound
+    assert lo >= sum_lo
+    # Provable: sum(E * factor) <= 2**62 - 1, so the dequantized row sum never exceeds 1.
+    assert hi < 1.0
+
+
+@pytest.mark.parametrize("length", [197, 49, 8])
+def test_shiftmax_rows_sum_to_one_at_16_bits(length: int) -> None:
+    # Provable: sum(E) * factor > 2**62 - 1 - sum(E) >= 2**62 * (1 - 2**-16), then each element loses
+    # < 1 LSB to the shift: row sum > 1 - 2**-16 - length * 2**-15 (197: 0.99397; measured min 0.99408).
+    _, lo, _ = shiftmax_errors(length, 16)
+    assert lo > 1 - 2**-16 - length * 2**-15
+
+
+@pytest.mark.parametrize("k_out", [8, 16])
+def test_shiftmax_matches_bigint(k_out: int) -> None:
+    q, scale = attention_scores(24, 197, 3.0, seed=33)
+    x0 = ops.shift_exp_x0(scale)
+    n = ops.choose_shiftmax_n(x0, 197)
+    mask = torch.rand(24, 197, generator=gen(34)) < 0.2
+    mask[0] = True  # fully masked row
+    mask[1] = False
+    out = ops.shiftmax(q, x0, n, k_out=k_out)
+    out_m = ops.shiftmax(q, x0, n, k_out=k_out, mask=mask)
+    assert out.dtype == ops.storage_dtype(k_out) and out_m.dtype == out.dtype
+    for r, row in enumerate(rows(q)):
+        assert out[r].tolist() == ref_shiftmax(row, x0, n, k_out)[0]
+        assert out_m[r].tolist() == ref_shiftmax(row, x0, n, k_out, mask[r].tolist())[0]
+    assert bool((out_m[mask] == 0).all())
+    assert out_m[0].tolist() == [0] * 197
+    assert bool((out >= 0).all()) and int(out.max()) <= 2 ** (k_out - 1) - 1
+
+
+def test_shiftmax_mask_broadcasts() -> None:
+    q, scale = attention_scores(3, 49, 2.0, seed=35)
+    x0 = ops.shift_exp_x0(scale)
+    n = ops.choose_shiftmax_n(x0, 49)
+    key_mask = torch.zeros(49, dtype=torch.bool)
+    key_mask[40:] = True  # padding keys, shared by every row
+    out = ops.shiftmax(q, x0, n, mask=key_mask)
+    assert torch.equal(out, ops.shiftmax(q, x0, n, mask=key_mask.expand(3, 49)))
+    assert bool((out[:, 40:] == 0).all()) and bool((out[:, :40].sum(-1) > 0).all())
+
+
+@pytest.mark.parametrize("length", [197, 49, 8])
+@pytest.mark.parametrize("value", [0, 1, -1, 12345, 32767, -32767])
+def test_shiftmax_all_equal_rows_are_uniform(length: int, value: int) -> None:
+    scale = 5.0 / 32767
+    x0 = ops.shift_exp_x0(scale)
+    n = ops.choose_shiftmax_n(x0, length)
+    out = ops.shiftmax(torch.full((2, length), value, dtype=torch.int16), x0, n)
+    e = -x0 << n
+    want = (e * (DIV_NUM // (length * e))) >> 55
+    assert out.tolist() == [[want] * length] * 2
+    # Floor of 1/length to the output LSB, one LSB short when 1/length is a multiple of it (the
+    # numerator is 2**62 - 1, not 2**62): 8 -> 15/128, 49 -> 2/128, 197 -> 0.
+    assert 1 / length - 2**-7 <= want / 128 < 1 / length
+    assert want == math.ceil(128 / length) - 1
+
+
+@pytest.mark.parametrize("scale", [3e-5, 7.6e-4, 0.05])
+def test_shiftmax_int16_extremes(scale: float) -> None:
+    x0 = ops.shift_exp_x0(scale)
+    n = ops.choose_shiftmax_n(x0, 197)
+    pick = torch.rand(6, 197, generator=gen(36)) < 0.3
+    q = torch.where(pick, 32767, -32767).to(torch.int16)
+    q[0] = -32767
+    q[0, 5] = 32767  # a single huge value
+    for k_out in (8, 16):
+        out = ops.shiftmax(q, x0, n, k_out=k_out)
+        for r, row in enumerate(rows(q)):
+            want, sum_e, max_prod = ref_shiftmax(row, x0, n, k_out)
+            assert out[r].tolist() == want
+            assert sum_e <= SUM_MAX and max_prod <= DIV_NUM
+            hi = {v for v, p in zip(want, pick[r].tolist(), strict=True) if p}
+            lo = {v for v, p in zip(want, pick[r].tolist(), strict=True) if not p}
+            assert r == 0 or (len(hi) == 1 and len(lo) <= 1)  # equal inputs -> equal outputs
+        top = int(out[0, 5])
+        others = out[0].tolist()[:5] + out[0].tolist()[6:]
+        assert top > max(others)
+        if scale * 65534 * 1.44 > n:  # the gap saturates: every other exponent is clamped to 2**-n
+            full = 2 ** (k_out - 1)
+            # top ~ 2**n / (2**n + 196) of full scale; measured ratio to that 0.99812 (k_out 8, 127),
+            # 0.999995 (k_out 16, 32573)
+            assert top >= 0.995 * full * 2**n / (2**n + 196)
+            assert max(others) <= full * 2.0**-n + 1
+
+
+def test_shiftmax_single_huge_value_takes_everything() -> None:
+    # Fine scale, short row: all others are far below 2**-n -> ~full scale at the top, 0 elsewhere.
+    x0 = ops.shift_exp_x0(7.6e-4)
+    n = ops.choose_shiftmax_n(x0, 8)
+    q = torch.tensor([[-32767] * 7 + [32767], [32767] + [-32767] * 7], dtype=torch.int16)
+    for k_out in (8, 16):
+        out = ops.shiftmax(q, x0, n, k_out=k_out)
+        assert out.tolist() == [ref_shiftmax(r, x0, n, k_out)[0] for r in rows(q)]
+        full = 2 ** (k_out - 1) - 1
+        # ~full scale: measured 127/127 and 32761/32767 (the 7 others still carry E = |x0|).
+        assert out[0, 7] == out[1, 0] and int(out[0, 7]) >= 0.9995 * full
+        assert out[0, :7].tolist() == [0] * 7 and out[1, 1:].tolist() == [0] * 7
+
+
+def test_shiftmax_intermediate_bounds_on_extreme_rows() -> None:
+    """Recompute in big ints: sum(E) <= 2**46 and E * factor <= 2**62 - 1 (the docstring's bounds)."""
+    for length in (197, 49, 8, 3136):
+        for scale in (1e-11, 1e-6, 3e-5, 7.6e-4, 0.05, 2.0):
+            x0 = ops.shift_exp_x0(scale)
+            if length * -x0 > SUM_MAX:  # no n can bound the sum: refused, not overflowed
+                with pytest.raises(ValueError):
+                    ops.choose_shiftmax_n(x0, length)
+                continue
+            n = ops.choose_shiftmax_n(x0, length)
+            for row in ([0] * length, [32767] * length, [-32767] * (length - 1) + [32767],
+                        [(-1) ** j * 32767 for j in range(length)]):
+                out, sum_e, max_prod = ref_shiftmax(row, x0, n, 8)
+                assert sum_e <= SUM_MAX and max_prod <= DIV_NUM
+                assert DIV_NUM // sum_e >= 2**16 - 1  # >= 16 significant bits
+                assert ops.shiftmax(torch.tensor([row], dtype=torch.int16), x0, n).tolist() == [out]
+    # sum(E) exactly 2**46 (all-equal row, n = 0): factor = 2**16 - 1, outputs still exact.
+    x0, length = -(2**31), 2**15
+    assert ops.choose_shiftmax_n(x0, length) == 0
+    row = [7] * length
+    out, sum_e, max_prod = ref_shiftmax(row, x0, 0, 16)
+    assert sum_e == SUM_MAX and DIV_NUM // sum_e == 2**16 - 1 and max_prod <= DIV_NUM
+    assert ops.shiftmax(torch.tensor([row]), x0, 0, k_out=16).tolist() == [out]
+    # |I| < 2**32 (int64 inputs): still exact.
+    row = [2**32 - 1, -(2**32) + 1, 0, 5]
+    x0 = ops.shift_exp_x0(1e-3)
+    n = ops.choose_shiftmax_n(x0, 4)
+    assert ops.shiftmax(torch.tensor([row]), x0, n).tolist() == [ref_shiftmax(row, x0, n, 8)[0]]
+
+
+def test_division_constants_are_the_spec() -> None:
+    assert ops.DIV_NUM == DIV_NUM and 2**ops.SUM_BITS == SUM_MAX
+
+
+def test_choose_shiftmax_n() -> None:
+    for x0, length in ((-1, 197), (-1311, 197), (-7646, 8), (-30000, 3136), (-(10**9), 197), (-(2**40), 50)):
+        n = ops.choose_shiftmax_n(x0, length)
+        assert length * -x0 * 2**n <= SUM_MAX
+        assert n == 15 or length * -x0 * 2 ** (n + 1) > SUM_MAX
+    assert ops.choose_shiftmax_n(-1311, 197) == 15  # realistic scales now get n_max
+    assert ops.choose_shiftmax_n(-(10**9), 197) == 8
+    assert ops.choose_shiftmax_n(-(2**40), 64) == 0  # 2**46 exactly is allowed
+    with pytest.raises(ValueError):
+        ops.choose_shiftmax_n(-(2**40), 65)
+    with pytest.raises(ValueError):
+        ops.choose_shiftmax_n(-(2**44), 8)
+    assert ops.choose_shiftgelu_n(-(2**22)) == 23
+    assert ops.choose_shiftgelu_n(-(2**22) - 1) == 22
+    assert ops.choose_shiftgelu_n(-(2**45)) == 0
+    with pytest.raises(ValueError):
+        ops.choose_shiftgelu_n(-(2**45) - 1)
+
+
+def test_shiftmax_masked_values_do_not_matter() -> None:
+    x0 = ops.shift_exp_x0(7.6e-4)
+    n = ops.choose_shiftmax_n(x0, 8)
+    q = torch.tensor([[0, -500, -1000, -2000, 0, 0, 0, 0]], dtype=torch.int16)
+    mask = torch.tensor([False] * 4 + [True] * 4)
+    q_big = q.clone()
+    q_big[0, 4:] = 32767
+    out = ops.shiftmax(q, x0, n, mask=mask)
+    assert torch.equal(out, ops.shiftmax(q_big, x0, n, mask=mask))
+    assert out[0, 4:].tolist() == [0] * 4 and int(out[0, 0]) > int(out[0, 1]) > int(out[0, 2]) > 0
+
+
+@pytest.mark.parametrize("k_out", [8, 16])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int64])
+def test_shiftmax_masked_row_equals_shiftmax_of_unmasked_subrow(k_out: int, dtype: torch.dtype) -> None:
+    """Masked scores far above (or below) every unmasked one change nothing: exact sub-row Shiftmax."""
+    length = 49
+    q, scale = attention_scores(12, length, 3.0, seed=37)
+    x0 = ops.shift_exp_x0(scale)
+    n = ops.choose_shiftmax_n(x0, length)
+    mask = torch.rand(12, length, generator=gen(38)) < 0.4
+    mask[0] = False
+    mask[1] = True
+    mask[1, 17] = False  # a single unmasked position takes everything
+    mask[2, :-1] = True
+    mask[2, -1] = False
+    huge = 32767 if dtype == torch.int16 else 2**32 - 1  # the documented input limit |I| < 2**32
+    q = q.to(dtype)
+    low = 2**32 - 2**15 - 1
+    if dtype == torch.int64:
+        q[4] -= low  # unmasked scores down near -2**32: still far above the masked fill value
+        q[5, 0], mask[5, 0] = huge, False  # an unmasked score at the limit
+    for fill in (huge, -huge):
+        qm = torch.where(mask, torch.tensor(fill, dtype=dtype), q)
+        qm[3, mask[3]] = huge  # mixed: some huge positive, some huge negative masked scores
+        qm[3, mask[3].nonzero()[::2, 0]] = -huge
+        out = ops.shiftmax(qm, x0, n, k_out=k_out, mask=mask)
+        assert bool((out[mask] == 0).all())
+        for r in range(q.shape[0]):
+            keep = ~mask[r]
+            sub = ops.shiftmax(q[r, keep], x0, n, k_out=k_out)
+            assert torch.equal(out[r, keep], sub), r
+            assert out[r].tolist() == ref_shiftmax(qm[r].tolist(), x0, n, k_out, mask[r].tolist())[0]
+    assert int(out[1, 17]) == 2 ** (k_out - 1) - 1  # single unmasked position: full scale
+    if dtype == torch.int64:  # Shiftmax only sees I - max(I): the shifted row gives the same output
+        assert torch.equal(out[4], ops.shiftmax(q[4] + low, x0, n, k_out=k_out, mask=mask[4]))
+        assert int(out[4].sum()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiftGELU
+# ---------------------------------------------------------------------------------------------
+
+ALL_INT8 = torch.arange(-128, 128, dtype=torch.int8)
+GELU_SCALES = [2.0, 1.0, 0.5, 0.1, 0.03, 1e-3, 1e-4, 1e-6]  # x0 = -1 ... -587545
+
+
+@pytest.mark.parametrize("scale", GELU_SCALES)
+def test_shiftgelu_all_int8_matches_bigint(scale: float) -> None:
+    x0 = ops.shift_exp_x0(1.702 * scale)
+    n = ops.choose_shiftgelu_n(x0)
+    for k_out in (8, 16):
+        out = ops.shiftgelu(ALL_INT8, x0, n, k_out=k_out)
+        assert out.dtype == torch.int32
+        want = [ref_shiftgelu(v, x0, n, k_out) for v in ALL_INT8.tolist()]
+        assert out.tolist() == [w for w, _ in want]
+        assert max(s for _, s in want) <= SUM_MAX
+        pos = out[128:]
+        assert bool((pos[1:] >= pos[:-1]).all())  # measured: strictly increasing for I >= 0
+        assert bool((out[:128] <= 0).all()) and int(out[128]) == 0
+
+
+@pytest.mark.parametrize("scale", [2.0, 1.0, 0.5, 0.1])
+def test_shiftgelu_large_positive_is_identity(scale: float) -> None:
+    x0 = ops.shift_exp_x0(1.702 * scale)
+    n = ops.choose_shiftgelu_n(x0)
+    big = ALL_INT8[1.702 * scale * ALL_INT8.double() >= 8]
+    for k_out in (8, 16):
+        full = 2 ** (k_out - 1)
+        ratio = ops.shiftgelu(big, x0, n, k_out=k_out).double() / (big.double() * full)
+        # sig saturates at (E1 * floor((2**62-1) / (E1+E2))) >> (63-k_out) <= 2**(k_out-1) - 1.
+        assert float(ratio.max()) < 1.0  # measured 127/128 (k_out 8), 32767/32768 (16)
+        # measured 0.9375 / 0.9412 (k_out 8 / 16; scale 2.0, x0 = -1: sigmoid(3) at I = 3); other
+        # scales 0.99219 (k_out 8, = 127/128), >= 0.99222 (16)
+        assert float(ratio.min()) >= (0.93 if scale == 2.0 else 0.99)
+
+
+def test_shiftgelu_16bit_inputs_at_documented_limit() -> None:
+    i = torch.tensor([2**15, -(2**15), 32767, -32767, 1, -1, 0], dtype=torch.int32)
+    for scale in (1e-3, 1e-4):
+        x0 = ops.shift_exp_x0(1.702 * scale)
+        n = ops.choose_shiftgelu_n(x0)
+        out = ops.shiftgelu(i, x0, n, k_out=16)
+        assert out.dtype == torch.int32
+        assert out.tolist() == [ref_shiftgelu(v, x0, n, 16)[0] for v in i.tolist()]
+
+
+# (range R, k_out) -> bound on max |dequantized out - gelu(x)| over x = S * I, I in [-127, 127],
+# S = R / 127.  n = 23 (choose_shiftgelu_n) for all three.
+GELU_BOUNDS = {
+    (3.0, 8): 0.045,  # measured 0.04035 (0.013 R)
+    (3.0, 16): 0.029,  # measured 0.02535 (0.008 R)
+    (8.0, 8): 0.07,  # measured 0.06250 (0.008 R)
+    (8.0, 16): 0.048,  # measured 0.04295 (0.005 R)
+    (20.0, 8): 0.17,  # measured 0.15625 (0.008 R, one output LSB of x * sig)
+    (20.0, 16): 0.05,  # measured 0.04421 (0.002 R)
+}
+
+
+@pytest.mark.parametrize("rng,k_out", list(GELU_BOUNDS))
+def test_shiftgelu_error_vs_gelu(rng: float, k_out: int) -> None:
+    scale = rng / 127
+    x0 = ops.shift_exp_x0(1.702 * scale)
+    n = ops.choose_shiftgelu_n(x0)
+    i = torch.arange(-127, 128, dtype=torch.int8)
+    y = ops.shiftgelu(i, x0, n, k_out=k_out).double() * scale / 2 ** (k_out - 1)
+    err = float((y - F.gelu(scale * i.double())).abs().max())
+    assert err <= GELU_BOUNDS[(rng, k_out)]
+
+
+# (range R, k_out) -> bound on max |sig - sigmoid(1.702 x)| with sig = out / I recovered exactly.
+SIGMOID_BOUNDS = {
+    (0.5, 8): 0.026,  # measured 0.02286
+    (0.5, 16): 0.018,  # measured 0.01593
+    (3.0, 8): 0.024,  # measured 0.02113
+    (3.0, 16): 0.02,  # measured 0.01779
+    (8.0, 8): 0.043,  # measured 0.03831 (x0 = -10: 1/|x0| vs 1.702 S adds 0.01)
+    (8.0, 16): 0.035,  # measured 0.03074
+}
+
+
+@pytest.mark.parametrize("rng,k_out", list(SIGMOID_BOUNDS))
+def test_shiftgelu_sigmoid_error_and_symmetry(rng: float, k_out: int) -> None:
+    scale = rng / 127
+    x0 = ops.shift_exp_x0(1.702 * scale)
+    n = ops.choose_shiftgelu_n(x0)
+    i = torch.cat([torch.arange(-127, 0), torch.arange(1, 128)])
+    out = ops.shiftgelu(i, x0, n, k_out=k_out).to(torch.int64)
+    sig = torch.div(out, i, rounding_mode="trunc")
+    assert torch.equal(sig * i, out)  # out = I * sig exactly
+    assert float((sig.double() / 2 ** (k_out - 1) - torch.sigmoid(1.702 * scale * i.double())).abs().max()) \
+        <= SIGMOID_BOUNDS[(rng, k_out)]
+    # sigmoid(t) + sigmoid(-t) = 1: E1 + E2 is the same for I and -I, so the two floors sum to
+    # 2**(k_out-1) - 1 or - 2 (provable with factor >= 2**16 - 1; measured: always - 1 here).
+    pair = sig[127:] + sig[:127].flip(0)
+    assert bool(((pair == 2 ** (k_out - 1) - 1) | (pair == 2 ** (k_out - 1) - 2)).all())
+
+
+def test_shiftgelu_sigmoid_at_zero_is_one_half() -> None:
+    for rng in (0.5, 3.0, 8.0):
+        scale = rng / 127
+        x0 = ops.shift_exp_x0(1.702 * scale)
+        n = ops.choose_shiftgelu_n(x0)
+        sig1, sig_m1 = (v / 2**15 for v in ops.shiftgelu(torch.tensor([1, -1]), x0, n, k_out=16).tolist())
+        # measured |sig(1) - sigmoid(1.702 S)|: 3e-5 (R 0.5), 1.4e-4 (3), 4.7e-4 (8)
+        assert abs(sig1 - 1 / (1 + math.exp(-1.702 * scale))) <= 1e-3
+        assert abs(-sig_m1 - 1 / (1 + math.exp(1.702 * scale))) <= 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# I-LayerNorm
+# ---------------------------------------------------------------------------------------------
+
+
+def residual_tokens(n_tok: int, c: int, seed: int) -> Tensor:
+    """Residual-stream-like float tokens: per-channel offsets and a few outlier channels."""
+    g = gen(seed)
+    x = torch.randn(n_tok, c, generator=g, dtype=torch.float64) * 2
+    x = x + torch.randn(1, c, generator=g, dtype=torch.float64)
+    x[:, :3] *= 20
+    return x
+
+
+def ln_case(c: int, seed: int) -> tuple[Tensor, float, Tensor, Tensor]:
+    """(I int16, S_in, gamma, beta) for a realistic I-LayerNorm test case."""
+    g = gen(seed + 1)
+    x = residual_tokens(64, c, seed)
+    s_in = float(x.abs().max()) / 32767
+    gamma = torch.rand(c, generator=g, dtype=torch.float64) * 2 - 0.5
+    beta = torch.randn(c, generator=g, dtype=torch.float64) * 0.5
+    return ops.quantize_symmetric(x, s_in, 16), s_in, gamma, beta
+
+
+@pytest.mark.parametrize("c", [192, 384, 768])
+def test_ilayernorm_error_vs_layernorm(c: int) -> None:
+    worst = 0.0
+    for seed in range(3):
+        q, s_in, gamma, beta = ln_case(c, seed=40 + seed)
+        ref = F.layer_norm(s_in * q.double(), (c,), gamma, beta, eps=1e-6)
+        s_out = float(ref.abs().max()) / 127
+        mult, shift, offset = ln_constants(gamma, beta, s_out)
+        out = ops.ilayernorm(q, mult, shift, offset, bits=8)
+        assert out.dtype == torch.int8
+        worst = max(worst, float((out.double() - ref / s_out).abs().max()))
+    # In output LSBs: 0.5 (final rounding) + 0.5 (offset rounding) + tiny (isqrt / z truncation).
+    assert worst <= 1.05  # measured 0.99466 (192), 0.99765 (384), 1.00232 (768); 3072 gives 0.99929
+
+
+@pytest.mark.parametrize("c", [192, 3072])
+def test_ilayernorm_matches_bigint(c: int) -> None:
+    q, s_in, gamma, beta = ln_case(c, seed=50)
+    q = q[:6]
+    ref = F.layer_norm(s_in * q.double(), (c,), gamma, beta, eps=1e-6)
+    mult, shift, offset = ln_constants(gamma, beta, float(ref.abs().max()) / 127)
+    out = ops.ilayernorm(q, mult, shift, offset, bits=8)
+    mb, sb, ob = mult.tolist(), shift.tolist(), offset.tolist()
+    for r, row in enumerate(rows(q)):
+        assert out[r].tolist() == ref_ilayernorm(row, mb, sb, ob, 8)[0]
+    out16 = ops.ilayernorm(q, mult, shift, offset, bits=16)
+    assert out16.dtype == torch.int16
+    assert out16[0].tolist() == ref_ilayernorm(rows(q)[0], mb, sb, ob, 16)[0]
+
+
+def test_ilayernorm_constant_tokens_give_offset() -> None:
+    c = 384
+    mult = randint(-(2**31) + 1, 2**31 - 1, (c,), seed=51)
+    shift = randint(20, 62, (c,), seed=52)
+    offset = randint(-300, 300, (c,), seed=53)  # some beyond qmax: clamped
+    x = torch.stack([torch.full((c,), v, dtype=torch.int16) for v in (0, 1, -1, 32767, -32767, 1234)])
+    out = ops.ilayernorm(x, mult, shift, offset, bits=8)
+    assert out.tolist() == [offset.clamp(-127, 127).tolist()] * 6
+
+
+def test_ilayernorm_extreme_rows_and_intermediate_bounds() -> None:
+    """+-32767 residual rows, 3072 wide rows, one-element-differs rows; intermediates in range."""
+    rnd = random.Random(54)
+    cases: list[list[int]] = []
+    for c in (192, 768, 3072):
+        cases += [
+            [32767] * (c // 2) + [-32767] * (c - c // 2),
+            [(-1) ** j * 32767 for j in range(c)],
+            [-32767] * (c - 1) + [32767],
+            [5] * (c - 1) + [6],
+            [5] * (c - 1) + [4],
+            [-32767] * 7 + [-32766] + [-32767] * (c - 8),
+            [rnd.choice((-32767, 32767, rnd.randint(-32767, 32767))) for _ in range(c)],
+        ]
+    cases.append([(-1) ** j * (2**24 - 1) for j in range(4095)])  # the docstring's outer limit
+    cases.append([2**24 - 1] * 4094 + [-(2**24) + 1])
+    for row in cases:
+        c = len(row)
+        mult = [2**31 - 1 if j % 2 else -(2**31) + 1 for j in range(c)]
+        shift = [31 + j % 32 for j in range(c)]
+        offset = [(-1) ** j * 50 for j in range(c)]
+        want, st = ref_ilayernorm(row, mult, shift, offset, 8)
+        assert st["var"] < 2**62
+        assert st["max_y"] <= st["std"] and st["max_yf"] <= INT32_MAX
+        assert st["max_z"] <= 2**LN_Z_BITS and st["max_zb"] < 2**51
+        dtype = torch.int16 if max(abs(v) for v in row) <= 32767 else torch.int32
+        got = ops.ilayernorm(torch.tensor([row], dtype=dtype), torch.tensor(mult), torch.tensor(shift),
+                             torch.tensor(offset), bits=8)
+        assert got.tolist() == [want]
+
+
+def test_ilayernorm_one_element_differs_normalizes_to_sqrt_c() -> None:
+    # y = [-d/C ...; d(C-1)/C]: the odd element normalizes to sqrt(C-1), the others to -1/sqrt(C-1).
+    c = 768
+    row = torch.full((1, c), -100, dtype=torch.int16)
+    row[0, 3] = 20000
+    s_out = math.sqrt(c - 1) / 127
+    mult, shift, offset = ln_constants(torch.ones(c), torch.zeros(c), s_out)
+    out = ops.ilayernorm(row, mult, shift, offset)
+    assert int(out[0, 3]) == 127
+    assert set(out[0, :3].tolist() + out[0, 4:].tolist()) == {round(-1 / math.sqrt(c - 1) / s_out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes, devices, batch independence
+# ---------------------------------------------------------------------------------------------
+
+_SM_X0 = ops.shift_exp_x0(7.6e-4)
+_GELU_X0 = ops.shift_exp_x0(1.702 * 0.05)
+C_TEST = 16
+_LN_MULT, _LN_SHIFT, _LN_OFF = ln_constants(torch.linspace(0.5, 1.5, C_TEST), torch.linspace(-1, 1, C_TEST),
+                                            0.05)
+_W8 = randint(-127, 127, (5, C_TEST), seed=55, dtype=torch.int8)
+_B32 = randint(-1000, 1000, (5,), seed=56, dtype=torch.int32)
+_RQ_MULT = randint(1, 2**31 - 1, (C_TEST,), seed=57)
+_RQ_SHIFT = randint(20, 40, (C_TEST,), seed=58)
+
+# Each op as a function of one integer tensor (..., C_TEST), rows along the last dimension.
+ROW_OPS: dict[str, tuple[Callable[[Tensor], Tensor], torch.dtype | None]] = {
+    "requantize": (lambda x: ops.requantize(x, _RQ_MULT, _RQ_SHIFT, 8), torch.int8),
+    "add_requantize": (lambda x: ops.add_requantize(x, x.flip(-1), _RQ_MULT, _RQ_SHIFT, _RQ_MULT.flip(0),
+                                                    _RQ_SHIFT, 16), torch.int16),
+    "shiftmax": (lambda x: ops.shiftmax(x, _SM_X0, ops.choose_shiftmax_n(_SM_X0, C_TEST)), torch.int8),
+    "shiftmax16": (lambda x: ops.shiftmax(x, _SM_X0, 12, k_out=16), torch.int16),
+    "shiftgelu": (lambda x: ops.shiftgelu(x, _GELU_X0, ops.choose_shiftgelu_n(_GELU_X0)), torch.int32),
+    "ilayernorm": (lambda x: ops.ilayernorm(x, _LN_MULT, _LN_SHIFT, _LN_OFF), torch.int8),
+    "isqrt": (lambda x: ops.isqrt(x.abs()), torch.int64),
+    "int_mean": (lambda x: ops.int_mean(x, -1), None),  # None: keeps the input dtype
+    "int_linear": (lambda x: ops.int_linear(x.to(torch.int8), _W8, _B32), torch.int32),
+    "embed_tokens": (lambda x: ops.embed_tokens(x.reshape(1, -1, C_TEST), _RQ_MULT, _RQ_SHIFT, None,
+                                                torch.zeros(1, C_TEST, dtype=torch.int64)), torch.int16),
+}
+ROW_OP_NAMES = [k for k in ROW_OPS if k != "embed_tokens"]  # embed_tokens has a fixed 3-d layout
+
+
+@pytest.mark.parametrize("name", list(ROW_OPS))
+def test_ops_accept_int8_int16_int32_and_give_documented_dtype(name: str) -> None:
+    fn, out_dtype = ROW_OPS[name]
+    base = randint(-127, 127, (3, C_TEST), seed=59)
+    results = []
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+        out = fn(base.to(dtype))
+        assert out.dtype == (out_dtype or dtype)
+        results.append(out.to(torch.int64))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("name", [k for k in ROW_OPS if k not in ("int_linear", "isqrt")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.bool])
+def test_ops_reject_float_inputs(name: str, dtype: torch.dtype) -> None:
+    fn, _ = ROW_OPS[name]
+    with pytest.raises(TypeError):
+        fn(torch.ones(3, C_TEST, dtype=dtype))
+
+
+def test_constant_arguments_reject_float_tensors() -> None:
+    x = torch.ones(2, C_TEST, dtype=torch.int32)
+    with pytest.raises(TypeError):
+        ops.requantize(x, _RQ_MULT.double(), _RQ_SHIFT, 8)
+    with pytest.raises(TypeError):
+        ops.ilayernorm(x, _LN_MULT, _LN_SHIFT, _LN_OFF.double())
+
+
+LEADING_SHAPES = [(1,), (2,), (5,), (2, 5), (1, 2, 5)]
+
+
+@pytest.mark.parametrize("lead", LEADING_SHAPES)
+@pytest.mark.parametrize("name", ROW_OP_NAMES)
+def test_rows_do_not_depend_on_the_batch(name: str, lead: tuple[int, ...]) -> None:
+    fn, _ = ROW_OPS[name]
+    x = randint(-32767, 32767, (*lead, C_TEST), seed=60, dtype=torch.int16)
+    if name in ("int_linear",):
+        x = x.clamp(-128, 127)
+    out = fn(x)
+    assert out.shape[: len(lead)] == lead
+    for idx in itertools.product(*(range(d) for d in lead)):
+        assert torch.equal(out[idx], fn(x[idx])), idx
+        assert torch.equal(out[idx], fn(x[idx].unsqueeze(0))[0]), idx
+    assert torch.equal(fn(x.flip(0)), out.flip(0))
+
+
+@pytest.mark.parametrize("lead", LEADING_SHAPES)
+def test_int_matmul_batches_are_independent(lead: tuple[int, ...]) -> None:
+    a = randint(-128, 127, (*lead, 4, 24), seed=61, dtype=torch.int8)
+    b = randint(-128, 127, (*lead, 3, 24), seed=62, dtype=torch.int8)
+    out = ops.int_matmul(a, b, transpose_b=True)
+    assert out.shape == (*lead, 4, 3)
+    for idx in itertools.product(*(range(d) for d in lead)):
+        assert torch.equal(out[idx], ops.int_matmul(a[idx], b[idx], transpose_b=True))
+
+
+def _device_cases() -> list[tuple[str, Callable[[torch.device], Tensor]]]:
+    x16 = randint(-32767, 32767, (3, 197), seed=63, dtype=torch.int16)
+    x8 = randint(-128, 127, (2, 4, 64), seed=64, dtype=torch.int8)
+    w8 = randint(-127, 127, (6, 64), seed=65, dtype=torch.int8)
+    ln_q, _, _, _ = ln_case(192, seed=66)
+    ln_m, ln_s, ln_o = ln_constants(torch.ones(192), torch.zeros(192), 0.05)
+    sm_n = ops.choose_shiftmax_n(_SM_X0, 197)
+    gelu_n = ops.choose_shiftgelu_n(_GELU_X0)
+    px = randint(0, 255, (1, 3, 32, 32), seed=67, dtype=torch.uint8)
+    return [
+        ("shiftmax", lambda d: ops.shiftmax(x16.to(d), _SM_X0, sm_n)),
+        ("shiftgelu", lambda d: ops.shiftgelu(x8.to(d), _GELU_X0, gelu_n)),
+        ("ilayernorm", lambda d: ops.ilayernorm(ln_q.to(d), ln_m.to(d), ln_s.to(d), ln_o.to(d))),
+        ("isqrt", lambda d: ops.isqrt(torch.tensor(_isqrt_hard_values()[:2000], device=d))),
+        ("int_linear", lambda d: ops.int_linear(x8.to(d), w8.to(d))),
+        ("int_matmul", lambda d: ops.int_matmul(x8.to(d), x8.to(d), transpose_b=True)),
+        ("requantize", lambda d: ops.requantize(x16.to(d), torch.tensor(1 << 30, device=d),
+                                                torch.tensor(37, device=d), 8)),
+        ("patchify", lambda d: ops.patchify(px.to(d), 16)),
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", _device_cases(), ids=lambda c: c[0])
+def test_ops_on_cuda_equal_cpu(case: tuple[str, Callable[[torch.device], Tensor]]) -> None:
+    _, fn = case
+    cpu = fn(torch.device("cpu"))
+    gpu = fn(torch.device("cuda"))
+    assert gpu.device.type == "cuda" and gpu.dtype == cpu.dtype
+    assert torch.equal(gpu.cpu(), cpu)
