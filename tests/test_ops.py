@@ -30,7 +30,8 @@ from ivit.ops import INT32_MAX, LN_Z_BITS
 # ---------------------------------------------------------------------------------------------
 
 #: Shiftmax/ShiftGELU spec constants, written out (not imported) so the references stay independent.
-DIV_NUM = 2**62 - 1  # factor = floor(DIV_NUM / sum(E)), output = (E * factor) >> (63 - k_out)
+DIV_NUM = 2**62 - 1  # factor = floor(DIV_NUM / sum(E)); Shiftmax rounds E * factor / 2**(63 - k_out)
+#                     half up and clamps, ShiftGELU floors it
 SUM_MAX = 2**46  # choose_shiftmax_n / choose_shiftgelu_n keep sum(E) <= SUM_MAX
 
 
@@ -59,17 +60,50 @@ def ref_shift_exp(i: int, x0: int, n: int) -> int:
 
 
 def ref_shiftmax(row: list[int], x0: int, n: int, k_out: int, mask: list[bool] | None = None
-                 ) -> tuple[list[int], int, int]:
-    """Shiftmax of one row; returns ``(out, sum(E), max(E * factor))``.
+                 ) -> tuple[list[int], list[int], int]:
+    """Shiftmax of one row; returns ``(out, E, max(E * factor))``.
 
-    The max runs over unmasked positions only; masked positions get ``E = 0`` whatever their score.
+    ``out = min(round_half_up(E * factor / 2**(63 - k_out)), 2**(k_out-1) - 1)``.  The max runs over
+    unmasked positions only; masked positions get ``E = 0`` whatever their score.
     """
     keep = [True] * len(row) if mask is None else [not mk for mk in mask]
     mx = max((v for v, k in zip(row, keep, strict=True) if k), default=0)
     e = [ref_shift_exp(min(v - mx, 0), x0, n) if k else 0 for v, k in zip(row, keep, strict=True)]
     factor = DIV_NUM // max(sum(e), 1)
     prods = [ei * factor for ei in e]
-    return [p // 2 ** (63 - k_out) for p in prods], sum(e), max(prods)
+    top = 2 ** (k_out - 1) - 1
+    return [min(ref_round_half_up(p, 63 - k_out), top) for p in prods], e, max(prods)
+
+
+def check_shiftmax_intermediates(e: list[int], max_prod: int, k_out: int) -> None:
+    """The docstring's bounds: ``sum(E) <= 2**46``, ``E * factor <= 2**62 - 1``, rounding add ``< 2**63``."""
+    assert sum(e) <= SUM_MAX and max_prod <= DIV_NUM
+    assert max_prod + 2 ** (62 - k_out) < 2**63
+
+
+def check_shiftmax_rounding(out: list[int], e: list[int], k_out: int) -> None:
+    """Each output is within half an LSB of ``2**(k_out-1) * E / sum(E)``, plus the division's error.
+
+    With ``S = sum(E)``, ``f = floor((2**62 - 1) / S) > (2**62 - 1 - S) / S``, so
+    ``t = E * f / 2**(63-k)`` lies in ``(P * (1 - (S + 1) / 2**62), P)`` for ``P = 2**(k-1) * E / S``, and
+    ``out = floor(t + 1/2)`` in ``(t - 1/2, t + 1/2]``: ``out - P`` in ``(-1/2 - P * (S + 1) / 2**62, 1/2)``.
+    A clamped output (``t >= 2**(k-1) - 1/2``, so ``P > 2**(k-1) - 1/2``; ``P <= 2**(k-1)``) has
+    ``out - P`` in ``[-1, -1/2)``.
+    ShiftExp's own error (the E) does not enter: this isolates the division and the final rounding.
+    """
+    s = sum(e)
+    if s == 0:  # fully masked row
+        assert out == [0] * len(out)
+        return
+    top = 2 ** (k_out - 1) - 1
+    half = Fraction(1, 2)
+    for o, ei in zip(out, e, strict=True):
+        p = Fraction(2 ** (k_out - 1) * ei, s)
+        dev = o - p
+        if o == top and p > top + half:  # clamped, or (P within the division error of it) not
+            assert -1 <= dev < -half, (o, ei, s)
+        else:
+            assert -half - p * Fraction(s + 1, 2**62) < dev < half, (o, ei, s)
 
 
 def ref_shiftgelu(i: int, x0: int, n: int, k_out: int) -> tuple[int, int]:
@@ -597,35 +631,40 @@ def shiftmax_errors(length: int, k_out: int) -> tuple[float, float, float]:
     return worst, lo, hi
 
 
-# (length, k_out): (max abs error bound, lowest row sum bound); measured values in the comments.
+# (length, k_out): (max |p - softmax| bound, max |row sum - 1| bound); measured values in the comments
+# (row sums are multiples of the LSB 2**-(k_out-1); "-30 .. +0 LSB" is the measured range of sum - 1).
 # The error is ShiftExp's (up to +10% on each E, see test_shift_exp_approximates_exp); the division
-# adds less than one output LSB.  Row sums lose < 1 LSB per element to the final floor.
+# and the final half-up rounding add at most half an output LSB.  Row sums: each element is within
+# 1/2 LSB, so random rounding errors mostly cancel; at 8 bits and 197 tokens the flat rows (std 1,
+# most p ~ 1/197 < 1/256 = half an LSB, rounded to 0) lose the most.
 SHIFTMAX_BOUNDS = {
-    (197, 8): (0.025, 0.30),  # measured 0.02231, row sums 0.32812 .. 0.99219
-    (49, 8): (0.026, 0.75),  # measured 0.02307, row sums 0.77344 .. 0.99219
-    (8, 8): (0.026, 0.94),  # measured 0.02278, row sums 0.95312 .. 0.99219
-    (197, 16): (0.019, 0.9935),  # measured 0.01640, row sums 0.99408 .. 0.99808
-    (49, 16): (0.018, 0.9983),  # measured 0.01562, row sums 0.99854 .. 0.99945
-    (8, 16): (0.018, 0.9997),  # measured 0.01545, row sums 0.99979 .. 0.99994
+    (197, 8): (0.021, 0.26),  # measured 0.01862, row sums 1 - 0.23438 .. 1 (-30 .. +0 LSB)
+    (49, 8): (0.021, 0.062),  # measured 0.01872, row sums 1 - 0.05469 .. 1 + 0.04688 (-7 .. +6 LSB)
+    (8, 8): (0.022, 0.018),  # measured 0.01929, row sums 1 -+ 0.01562 (-2 .. +2 LSB)
+    (197, 16): (0.019, 0.0027),  # measured 0.01637, row sums 1 - 0.00238 .. 1 + 0.00232 (-78 .. +76 LSB)
+    (49, 16): (0.018, 0.00064),  # measured 0.01559, row sums 1 - 0.00046 .. 1 + 0.00055 (-15 .. +18 LSB)
+    (8, 16): (0.018, 0.00008),  # measured 0.01545, row sums 1 -+ 0.00006 (-2 .. +2 LSB)
 }
 
 
 @pytest.mark.parametrize("length,k_out", list(SHIFTMAX_BOUNDS))
 def test_shiftmax_error_vs_softmax(length: int, k_out: int) -> None:
-    err_bound, sum_lo = SHIFTMAX_BOUNDS[(length, k_out)]
+    err_bound, sum_dev = SHIFTMAX_BOUNDS[(length, k_out)]
     worst, lo, hi = shiftmax_errors(length, k_out)
     assert worst <= err_bound
-    assert lo >= sum_lo
-    # Provable: sum(E * factor) <= 2**62 - 1, so the dequantized row sum never exceeds 1.
-    assert hi < 1.0
+    assert 1 - sum_dev <= lo and hi <= 1 + sum_dev
 
 
+@pytest.mark.parametrize("k_out", [8, 16])
 @pytest.mark.parametrize("length", [197, 49, 8])
-def test_shiftmax_rows_sum_to_one_at_16_bits(length: int) -> None:
-    # Provable: sum(E) * factor > 2**62 - 1 - sum(E) >= 2**62 * (1 - 2**-16), then each element loses
-    # < 1 LSB to the shift: row sum > 1 - 2**-16 - length * 2**-15 (197: 0.99397; measured min 0.99408).
-    _, lo, _ = shiftmax_errors(length, 16)
-    assert lo > 1 - 2**-16 - length * 2**-15
+def test_shiftmax_row_sums_within_half_lsb_per_element(length: int, k_out: int) -> None:
+    # Provable (see check_shiftmax_rounding): sum(E) * factor >= 2**62 - sum(E) >= 2**62 * (1 - 2**-16),
+    # and each element is off by < 1/2 LSB = 2**-k_out after the half-up rounding, so
+    # 1 - 2**-16 - length * 2**-k_out < row sum < 1 + length * 2**-k_out.  A clamped element keeps
+    # the row sum >= 1 - 2 * 2**-k_out, inside that for length >= 2.
+    # 197 tokens: 1 -+ 0.0030 at 16 bits (measured 1 - 0.00238 .. 1 + 0.00232), 1 -+ 0.77 at 8 bits.
+    _, lo, hi = shiftmax_errors(length, k_out)
+    assert 1 - 2**-16 - length * 2.0**-k_out < lo and hi < 1 + length * 2.0**-k_out
 
 
 @pytest.mark.parametrize("k_out", [8, 16])
@@ -640,8 +679,13 @@ def test_shiftmax_matches_bigint(k_out: int) -> None:
     out_m = ops.shiftmax(q, x0, n, k_out=k_out, mask=mask)
     assert out.dtype == ops.storage_dtype(k_out) and out_m.dtype == out.dtype
     for r, row in enumerate(rows(q)):
-        assert out[r].tolist() == ref_shiftmax(row, x0, n, k_out)[0]
-        assert out_m[r].tolist() == ref_shiftmax(row, x0, n, k_out, mask[r].tolist())[0]
+        want, e, max_prod = ref_shiftmax(row, x0, n, k_out)
+        assert out[r].tolist() == want
+        check_shiftmax_intermediates(e, max_prod, k_out)
+        check_shiftmax_rounding(want, e, k_out)
+        want_m, e_m, _ = ref_shiftmax(row, x0, n, k_out, mask[r].tolist())
+        assert out_m[r].tolist() == want_m
+        check_shiftmax_rounding(want_m, e_m, k_out)
     assert bool((out_m[mask] == 0).all())
     assert out_m[0].tolist() == [0] * 197
     assert bool((out >= 0).all()) and int(out.max()) <= 2 ** (k_out - 1) - 1
@@ -658,20 +702,33 @@ def test_shiftmax_mask_broadcasts() -> None:
     assert bool((out[:, 40:] == 0).all()) and bool((out[:, :40].sum(-1) > 0).all())
 
 
-@pytest.mark.parametrize("length", [197, 49, 8])
+# length -> (k_out 8, k_out 16) outputs of an all-equal row: round(2**(k-1) / length), clamped.
+ALL_EQUAL_WANT = {
+    197: (1, 166),  # 0.650 -> 1, 166.34 -> 166
+    49: (3, 669),  # 2.612 -> 3, 668.73 -> 669
+    8: (16, 4096),  # exact 1/8: E * factor is just below 2**(63-k) / 8, rounds back up to it
+    3: (43, 10923),
+    2: (64, 16384),
+    1: (127, 32767),  # 2**(k-1) (probability 1) clamped to 2**(k-1) - 1
+    256: (0, 128),  # 8 bits: an exact tie 0.5; E * factor is just below it, so it rounds down
+}
+
+
+@pytest.mark.parametrize("length", list(ALL_EQUAL_WANT))
 @pytest.mark.parametrize("value", [0, 1, -1, 12345, 32767, -32767])
 def test_shiftmax_all_equal_rows_are_uniform(length: int, value: int) -> None:
     scale = 5.0 / 32767
     x0 = ops.shift_exp_x0(scale)
     n = ops.choose_shiftmax_n(x0, length)
-    out = ops.shiftmax(torch.full((2, length), value, dtype=torch.int16), x0, n)
     e = -x0 << n
-    want = (e * (DIV_NUM // (length * e))) >> 55
-    assert out.tolist() == [[want] * length] * 2
-    # Floor of 1/length to the output LSB, one LSB short when 1/length is a multiple of it (the
-    # numerator is 2**62 - 1, not 2**62): 8 -> 15/128, 49 -> 2/128, 197 -> 0.
-    assert 1 / length - 2**-7 <= want / 128 < 1 / length
-    assert want == math.ceil(128 / length) - 1
+    for k_out, want in zip((8, 16), ALL_EQUAL_WANT[length], strict=True):
+        out = ops.shiftmax(torch.full((2, length), value, dtype=torch.int16), x0, n, k_out=k_out)
+        assert out.tolist() == [[want] * length] * 2
+        assert want == min(ref_round_half_up(e * (DIV_NUM // (length * e)), 63 - k_out), 2 ** (k_out - 1) - 1)
+        # round(2**(k-1) / length), ties down (the numerator is 2**62 - 1, not 2**62), then clamped.
+        ideal = Fraction(2 ** (k_out - 1), length)
+        assert want == min(math.ceil(ideal - Fraction(1, 2)), 2 ** (k_out - 1) - 1)
+        assert abs(want - ideal) <= Fraction(1, 2) or (length == 1 and want == ideal - 1)
 
 
 @pytest.mark.parametrize("scale", [3e-5, 7.6e-4, 0.05])
@@ -685,9 +742,10 @@ def test_shiftmax_int16_extremes(scale: float) -> None:
     for k_out in (8, 16):
         out = ops.shiftmax(q, x0, n, k_out=k_out)
         for r, row in enumerate(rows(q)):
-            want, sum_e, max_prod = ref_shiftmax(row, x0, n, k_out)
+            want, e, max_prod = ref_shiftmax(row, x0, n, k_out)
             assert out[r].tolist() == want
-            assert sum_e <= SUM_MAX and max_prod <= DIV_NUM
+            check_shiftmax_intermediates(e, max_prod, k_out)
+            check_shiftmax_rounding(want, e, k_out)
             hi = {v for v, p in zip(want, pick[r].tolist(), strict=True) if p}
             lo = {v for v, p in zip(want, pick[r].tolist(), strict=True) if not p}
             assert r == 0 or (len(hi) == 1 and len(lo) <= 1)  # equal inputs -> equal outputs
@@ -696,24 +754,38 @@ def test_shiftmax_int16_extremes(scale: float) -> None:
         assert top > max(others)
         if scale * 65534 * 1.44 > n:  # the gap saturates: every other exponent is clamped to 2**-n
             full = 2 ** (k_out - 1)
-            # top ~ 2**n / (2**n + 196) of full scale; measured ratio to that 0.99812 (k_out 8, 127),
-            # 0.999995 (k_out 16, 32573)
+            # top ~ 2**n / (2**n + 196) of full scale; measured ratio to that 0.99812 (k_out 8, 127 =
+            # the clamp), 0.999995 (k_out 16, 32573); others measured 0 (k_out 8), 1 (k_out 16)
             assert top >= 0.995 * full * 2**n / (2**n + 196)
-            assert max(others) <= full * 2.0**-n + 1
+            assert max(others) <= full * 2.0**-n + 0.5
 
 
 def test_shiftmax_single_huge_value_takes_everything() -> None:
-    # Fine scale, short row: all others are far below 2**-n -> ~full scale at the top, 0 elsewhere.
+    # Fine scale, short row: all others are far below 2**-n, so their exponents are clamped to
+    # E = |x0| (2**-n of the top's E = |x0| * 2**n): the top gets 2**n / (2**n + 7) of full scale.
     x0 = ops.shift_exp_x0(7.6e-4)
     n = ops.choose_shiftmax_n(x0, 8)
+    assert n == 15
     q = torch.tensor([[-32767] * 7 + [32767], [32767] + [-32767] * 7], dtype=torch.int16)
     for k_out in (8, 16):
         out = ops.shiftmax(q, x0, n, k_out=k_out)
-        assert out.tolist() == [ref_shiftmax(r, x0, n, k_out)[0] for r in rows(q)]
-        full = 2 ** (k_out - 1) - 1
-        # ~full scale: measured 127/127 and 32761/32767 (the 7 others still carry E = |x0|).
-        assert out[0, 7] == out[1, 0] and int(out[0, 7]) >= 0.9995 * full
-        assert out[0, :7].tolist() == [0] * 7 and out[1, 1:].tolist() == [0] * 7
+        want = [ref_shiftmax(r, x0, n, k_out) for r in rows(q)]
+        assert out.tolist() == [w for w, _, _ in want]
+        e, max_prod = want[0][1], want[0][2]
+        check_shiftmax_intermediates(e, max_prod, k_out)
+        check_shiftmax_rounding(want[0][0], e, k_out)
+        assert out[0, 7] == out[1, 0] and out[0, :7].tolist() == out[1, 1:].tolist()
+        if k_out == 8:
+            # 128 * 2**15 / (2**15 + 7) = 127.97 rounds to 128 = probability 1, which int8 cannot
+            # hold: the clamp saturates it at 2**(k-1) - 1 (without it, int8 would wrap to -128).
+            assert ref_round_half_up(max_prod, 63 - k_out) == 2 ** (k_out - 1)
+            assert int(out[0, 7]) == 2 ** (k_out - 1) - 1
+            assert out[0, :7].tolist() == [0] * 7  # 128 / 32775 = 0.004 LSB
+        else:
+            # 32768 * 2**15 / (2**15 + 7) = 32761.0; each other is 32768 / 32775 = 0.9998 LSB -> 1.
+            assert int(out[0, 7]) == 32761
+            assert out[0, :7].tolist() == [1] * 7
+        assert int(out[0].sum()) == {8: 127, 16: 32768}[k_out]  # 127: the clamp's one LSB
 
 
 def test_shiftmax_intermediate_bounds_on_extreme_rows() -> None:
@@ -728,17 +800,30 @@ def test_shiftmax_intermediate_bounds_on_extreme_rows() -> None:
             n = ops.choose_shiftmax_n(x0, length)
             for row in ([0] * length, [32767] * length, [-32767] * (length - 1) + [32767],
                         [(-1) ** j * 32767 for j in range(length)]):
-                out, sum_e, max_prod = ref_shiftmax(row, x0, n, 8)
-                assert sum_e <= SUM_MAX and max_prod <= DIV_NUM
-                assert DIV_NUM // sum_e >= 2**16 - 1  # >= 16 significant bits
-                assert ops.shiftmax(torch.tensor([row], dtype=torch.int16), x0, n).tolist() == [out]
+                for k_out in (8, 16):
+                    out, e, max_prod = ref_shiftmax(row, x0, n, k_out)
+                    check_shiftmax_intermediates(e, max_prod, k_out)
+                    assert DIV_NUM // sum(e) >= 2**16 - 1  # >= 16 significant bits
+                    check_shiftmax_rounding(out, e, k_out)
+                    got = ops.shiftmax(torch.tensor([row], dtype=torch.int16), x0, n, k_out=k_out)
+                    assert got.tolist() == [out]
     # sum(E) exactly 2**46 (all-equal row, n = 0): factor = 2**16 - 1, outputs still exact.
     x0, length = -(2**31), 2**15
     assert ops.choose_shiftmax_n(x0, length) == 0
     row = [7] * length
-    out, sum_e, max_prod = ref_shiftmax(row, x0, 0, 16)
-    assert sum_e == SUM_MAX and DIV_NUM // sum_e == 2**16 - 1 and max_prod <= DIV_NUM
+    out, e, max_prod = ref_shiftmax(row, x0, 0, 16)
+    assert sum(e) == SUM_MAX and DIV_NUM // sum(e) == 2**16 - 1
+    check_shiftmax_intermediates(e, max_prod, 16)
     assert ops.shiftmax(torch.tensor([row]), x0, 0, k_out=16).tolist() == [out]
+    assert out == [1] * length  # 2**15 / 2**15 = 1 LSB each, just below (factor floored), rounded up
+    # The largest product the spec allows, E * factor = 2**62 - 1 (one position): the rounding add
+    # reaches 2**62 - 1 + 2**(62 - k_out), still below 2**63; the result rounds to 2**(k-1), clamped.
+    for k_out in (8, 16):
+        out, e, max_prod = ref_shiftmax([5], -1, 0, k_out)
+        assert e == [1] and max_prod == DIV_NUM
+        check_shiftmax_intermediates(e, max_prod, k_out)
+        check_shiftmax_rounding(out, e, k_out)
+        assert ops.shiftmax(torch.tensor([[5]]), -1, 0, k_out=k_out).tolist() == [out] == [[2 ** (k_out - 1) - 1]]
     # |I| < 2**32 (int64 inputs): still exact.
     row = [2**32 - 1, -(2**32) + 1, 0, 5]
     x0 = ops.shift_exp_x0(1e-3)

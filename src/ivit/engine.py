@@ -7,8 +7,10 @@ same integers (tested with ``torch.equal``).  A backend is a dict ``op name -> k
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ from .errors import IvitError
 from .models.base import check_pixels
 from .program import Program, check_program, load_program
 
-__all__ = ["Engine", "load", "REFERENCE_KERNELS", "verify_integer_only", "IntegerCheck"]
+__all__ = ["Engine", "Step", "plan_steps", "load", "REFERENCE_KERNELS", "verify_integer_only", "IntegerCheck"]
 
 Kernel = Callable[..., Tensor]
 
@@ -53,6 +55,8 @@ REFERENCE_KERNELS: dict[str, Kernel] = {
     "reshape": _reshape,
     "permute": lambda x, perm: x.permute(perm),
     "roll": lambda x, shifts, dims: torch.roll(x, shifts, dims),
+    # zero padding, torch.nn.functional.pad order: (last_lo, last_hi, prev_lo, prev_hi, ...), all >= 0
+    "pad": lambda x, pads: torch.nn.functional.pad(x, pads),
     "matmul": lambda a, b, transpose_b: ops.int_matmul(a, b, bool(transpose_b)),
     "add_const": _add_const,
     "shiftmax": _shiftmax,
@@ -60,6 +64,32 @@ REFERENCE_KERNELS: dict[str, Kernel] = {
     "select": lambda x, dim, index: x.select(dim, index),
     "mean": lambda x, dim: ops.int_mean(x, dim),
 }
+
+
+@dataclass(frozen=True)
+class Step:
+    """One executable step: ``output = fn(*inputs)`` with constants and attributes bound.
+
+    ``nodes`` are the indices of the program nodes it computes (several for a fused step).
+    """
+
+    fn: Callable[..., Tensor]
+    inputs: tuple[str, ...]
+    output: str
+    nodes: tuple[int, ...]
+
+    @property
+    def last_node(self) -> int:
+        return self.nodes[-1]
+
+
+def plan_steps(program: Program, consts: dict[str, Tensor], kernels: dict[str, Kernel]) -> list[Step]:
+    """One step per node: the kernel with the node's constants and attributes bound."""
+    steps = []
+    for i, node in enumerate(program.nodes):
+        kw = {k: consts[key] for k, key in node.consts.items()}
+        steps.append(Step(functools.partial(kernels[node.op], **kw, **node.attrs), node.inputs, node.output, (i,)))
+    return steps
 
 
 def _backend(name: str) -> dict[str, Kernel]:
@@ -93,10 +123,15 @@ class Engine:
         self.kernels = _backend(self.backend)
         self.device = torch.device(device)
         self.consts = {k: v.to(self.device) for k, v in program.consts.items()}
+        self.steps = plan_steps(program, self.consts, self.kernels)
+        if self.backend == "fast":
+            from .kernels import fuse_steps
+
+            self.steps = fuse_steps(program, self.consts, self.steps)
         # last use of each value, to free intermediates early
         self._last_use: dict[str, int] = {}
-        for i, node in enumerate(program.nodes):
-            for v in node.inputs:
+        for i, step in enumerate(self.steps):
+            for v in step.inputs:
                 self._last_use[v] = i
 
     @property
@@ -108,19 +143,18 @@ class Engine:
         return int(self.program.meta["num_classes"])
 
     def run(self, pixels: Tensor, trace: Callable[[int, Tensor], None] | None = None) -> Tensor:
-        """Execute the program; ``trace(i, out)`` is called after node ``i`` if given."""
+        """Execute the program; ``trace(i, out)`` is called with each step's output, ``i`` being the
+        index of the last program node the step computes (fused steps cover several nodes)."""
         c, h, w = self.program.input_shape
         check_pixels(pixels, c, (h, w))
         env: dict[str, Tensor] = {self.program.input: pixels.to(self.device)}
         with torch.inference_mode():
-            for i, node in enumerate(self.program.nodes):
-                args = [env[v] for v in node.inputs]
-                kw = {k: self.consts[key] for k, key in node.consts.items()}
-                out = self.kernels[node.op](*args, **kw, **node.attrs)
-                env[node.output] = out
+            for i, step in enumerate(self.steps):
+                out = step.fn(*[env[v] for v in step.inputs])
+                env[step.output] = out
                 if trace is not None:
-                    trace(i, out)
-                for v in node.inputs:
+                    trace(step.last_node, out)
+                for v in step.inputs:
                     if self._last_use.get(v) == i and v != self.program.output:
                         env.pop(v, None)
         return env[self.program.output]

@@ -1,23 +1,168 @@
-"""Fast integer kernels for the CPU engine.
+"""Fast integer kernels for the CPU engine (the ``fast`` backend).
 
-Each kernel computes exactly the same integers as its reference twin in ``ivit.ops`` (tests flip
-the engine's backend and compare with ``torch.equal``).  Integer products are exact whatever the
-summation order, so an int8 GEMM kernel (``torch._int_mm``: VNNI/AMX on x86) may replace the int64
-reference matmul as long as the int32 accumulator cannot overflow (``K <= 2**17``).
+Each kernel computes exactly the same integers as its reference twin in ``ivit.ops``; the engine
+tests flip the backend and compare with ``torch.equal``.  Three kinds of speed-up:
+
+* int8 GEMMs through ``torch._int_mm`` (oneDNN, VNNI/AMX) with the weight kept as ``(N, K)``
+  row-major (oneDNN's fast layout); exact since int32 accumulation cannot overflow for ``K <= 2**17``.
+* elementwise/row ops (requantize, residual add, I-LayerNorm, Shiftmax) in small C kernels
+  (``csrc/ivit_kernels.c``), compiled on first use with the system C compiler
+  (``-O3 -march=native -fopenmp``) into a per-machine cache and called through ``ctypes``;
+* ShiftGELU on int8 inputs as a 256-entry table computed with the reference op itself.
+
+If no C compiler is available the C-kernel ops fall back to the reference ops (still exact);
+``IVIT_NO_CKERNELS=1`` forces that fallback.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["fast_kernels", "int_linear_fast", "int_matmul_fast"]
+from . import ops
 
+if TYPE_CHECKING:
+    from .engine import Step
+    from .program import Program
+
+__all__ = ["fast_kernels", "fuse_steps", "int_linear_fast", "int_matmul_fast", "c_kernels_available", "load_c_kernels"]
+
+_SRC = Path(__file__).parent / "csrc" / "ivit_kernels.c"
+_LIB: ctypes.CDLL | None = None
+_LIB_FAILED = False
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+_SIGNATURES: dict[str, list] = {
+    "requant_i32_i8": [_P, _P, _I64, _I64, _I64, _P, _P, _I64, _I64, _INT],
+    "requant_i32_i16": [_P, _P, _I64, _I64, _I64, _P, _P, _I64, _I64, _INT],
+    "requant_i16_i8": [_P, _P, _I64, _I64, _I64, _P, _P, _I64, _I64, _INT],
+    "requant_i16_i16": [_P, _P, _I64, _I64, _I64, _P, _P, _I64, _I64, _INT],
+    "add_requant_i16_i32_i16": [_P, _P, _P, _I64, _I64, _P, _P, _I64, _P, _P, _I64, _I64, _INT],
+    "layernorm_i16_i8": [_P, _P, _I64, _I64, _P, _P, _P, _I64, _INT],
+    "shiftmax_i16": [_P, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _INT],
+    "shiftmax_i32": [_P, _P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _I64, _INT],
+    "lut_i8_i32": [_P, _P, _I64, _P, _INT],
+    "lut_i8_i8": [_P, _P, _I64, _P, _INT],
+    "requant_lut_i32_i8": [_P, _P, _I64, _I64, _P, _P, _I64, _I64, _P, _INT],
+    "ivit_set_num_threads": [_INT],
+}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("IVIT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                                                        "ivit")
+    return Path(base)
+
+
+def _machine_key() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{flags}"
+
+
+def load_c_kernels() -> ctypes.CDLL | None:
+    """Compile (once per source and machine) and load the C kernels; None if unavailable."""
+    global _LIB, _LIB_FAILED
+    if _LIB is not None or _LIB_FAILED:
+        return _LIB
+    if os.environ.get("IVIT_NO_CKERNELS") == "1":
+        _LIB_FAILED = True
+        return None
+    src = _SRC.read_bytes()
+    cc = os.environ.get("CC", "cc")
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+    key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _machine_key().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"ivit_kernels-{key}.so"
+    try:
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+            os.close(fd)
+            try:
+                subprocess.run([cc, *flags, "-o", tmp, str(_SRC)], check=True, capture_output=True, timeout=120)
+                os.replace(tmp, out)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        lib = ctypes.CDLL(str(out))
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = None
+    except (OSError, subprocess.SubprocessError) as e:
+        _LIB_FAILED = True
+        msg = e.stderr.decode(errors="replace")[:300] if isinstance(e, subprocess.CalledProcessError) else str(e)
+        warnings.warn(f"ivit: C kernels unavailable ({msg.strip()}); the fast backend uses torch ops only",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    _LIB = lib
+    return lib
+
+
+def c_kernels_available() -> bool:
+    return load_c_kernels() is not None
+
+
+def _threads(lib: ctypes.CDLL) -> int:
+    n = torch.get_num_threads()
+    lib.ivit_set_num_threads(n)
+    return n
+
+
+def _rows(x: Tensor) -> tuple[int, int, int] | None:
+    """``(rows, cols, row_stride)`` if ``x`` is a stack of rows with unit column stride, else None."""
+    if x.dim() == 0 or x.stride(-1) != 1 or x.numel() == 0:
+        return None
+    cols = x.shape[-1]
+    if x.dim() == 1:
+        return 1, cols, cols
+    row_stride = x.stride(-2)
+    rows = x.shape[-2]
+    for i in range(x.dim() - 3, -1, -1):  # outer dims must collapse onto the row dimension
+        if x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
+            return None
+        rows *= x.shape[i]
+    return rows, cols, row_stride
+
+
+def _i32(t: Tensor) -> Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+def _channels(t: Tensor, cols: int) -> int | None:
+    n = t.numel()
+    return n if n in (1, cols) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMMs
+# ---------------------------------------------------------------------------------------------
 
 def int_linear_fast(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``ops.int_linear`` via ``torch._int_mm`` (int8 x int8 -> int32)."""
+    """``ops.int_linear`` via ``torch._int_mm`` (int8 x int8 -> int32, weight ``(N, K)`` row-major)."""
+    if x.dtype != torch.int8 or weight.dtype != torch.int8:
+        return ops.int_linear(x, weight, bias)
     shape = x.shape
     acc = torch._int_mm(x.reshape(-1, shape[-1]).contiguous(), weight.t())
     if bias is not None:
@@ -26,16 +171,180 @@ def int_linear_fast(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
 
 
 def int_matmul_fast(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
-    """``ops.int_matmul`` as a loop of ``torch._int_mm`` over the flattened batch dims."""
-    if transpose_b:
-        b = b.transpose(-1, -2)
-    batch = a.shape[:-2]
-    a3 = a.reshape(-1, *a.shape[-2:])
-    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    out = torch.empty(a3.shape[0], a3.shape[1], b3.shape[2], dtype=torch.int32, device=a.device)
+    """``ops.int_matmul`` as a loop of ``torch._int_mm`` over the flattened batch dims.
+
+    The right operand is passed to oneDNN as the transpose of a row-major ``(N, K)`` matrix (its
+    fast layout): ``k`` as it is for ``q @ k^T``, ``v`` transposed once for ``p @ v``.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        return ops.int_matmul(a, b, transpose_b)
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    m = a.shape[-2]
+    bt = b if transpose_b else b.transpose(-1, -2)  # (..., N, K)
+    n = bt.shape[-2]
+    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, m, a.shape[-1]).contiguous()
+    bt3 = bt.expand(*batch, *bt.shape[-2:]).reshape(-1, n, bt.shape[-1]).contiguous()
+    out = torch.empty(a3.shape[0], m, n, dtype=torch.int32, device=a.device)
     for i in range(a3.shape[0]):
-        out[i] = torch._int_mm(a3[i], b3[i])
-    return out.reshape(*batch, a.shape[-2], b.shape[-1])
+        torch._int_mm(a3[i], bt3[i].t(), out=out[i])
+    return out.reshape(*batch, m, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# C kernels
+# ---------------------------------------------------------------------------------------------
+
+_REQUANT = {(torch.int32, 8): "requant_i32_i8", (torch.int32, 16): "requant_i32_i16",
+            (torch.int16, 8): "requant_i16_i8", (torch.int16, 16): "requant_i16_i16"}
+
+
+def requantize_fast(x: Tensor, mult: Tensor, shift: Tensor, bits: int) -> Tensor:
+    lib = load_c_kernels()
+    name = _REQUANT.get((x.dtype, bits))
+    geo = _rows(x) if x.device.type == "cpu" else None
+    if lib is None or name is None or geo is None:
+        return ops.requantize(x, mult, shift, bits)
+    rows, cols, stride = geo
+    nch = _channels(mult, cols)
+    if nch is None or shift.numel() != nch:
+        return ops.requantize(x, mult, shift, bits)
+    out = torch.empty(x.shape, dtype=ops.storage_dtype(bits))
+    m, s = _i32(mult), _i32(shift)
+    _threads(lib)
+    getattr(lib, name)(x.data_ptr(), out.data_ptr(), rows, cols, stride, m.data_ptr(), s.data_ptr(), nch,
+                       ops.qmax(bits), 0)
+    return out
+
+
+def add_requantize_fast(a: Tensor, b: Tensor, mult_a: Tensor, shift_a: Tensor, mult_b: Tensor, shift_b: Tensor,
+                        bits: int) -> Tensor:
+    lib = load_c_kernels()
+    ok = (lib is not None and a.dtype == torch.int16 and b.dtype == torch.int32 and bits == 16
+          and a.shape == b.shape and a.is_contiguous() and b.is_contiguous() and a.device.type == "cpu")
+    if not ok:
+        return ops.add_requantize(a, b, mult_a, shift_a, mult_b, shift_b, bits)
+    cols = a.shape[-1]
+    na, nb = _channels(mult_a, cols), _channels(mult_b, cols)
+    if na is None or nb is None:
+        return ops.add_requantize(a, b, mult_a, shift_a, mult_b, shift_b, bits)
+    out = torch.empty(a.shape, dtype=torch.int16)
+    ma, sa, mb, sb = _i32(mult_a), _i32(shift_a), _i32(mult_b), _i32(shift_b)
+    _threads(lib)
+    lib.add_requant_i16_i32_i16(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel() // cols, cols,
+                                ma.data_ptr(), sa.data_ptr(), na, mb.data_ptr(), sb.data_ptr(), nb, ops.qmax(16), 0)
+    return out
+
+
+def layernorm_fast(x: Tensor, mult: Tensor, shift: Tensor, offset: Tensor, bits: int) -> Tensor:
+    lib = load_c_kernels()
+    cols = x.shape[-1]
+    ok = (lib is not None and x.dtype == torch.int16 and bits == 8 and x.is_contiguous() and x.device.type == "cpu"
+          and mult.numel() == cols and shift.numel() == cols and offset.numel() == cols)
+    if not ok:
+        return ops.ilayernorm(x, mult, shift, offset, bits)
+    out = torch.empty(x.shape, dtype=torch.int8)
+    m, s, o = _i32(mult), _i32(shift), _i32(offset)
+    _threads(lib)
+    lib.layernorm_i16_i8(x.data_ptr(), out.data_ptr(), x.numel() // cols, cols, m.data_ptr(), s.data_ptr(),
+                         o.data_ptr(), ops.qmax(bits), 0)
+    return out
+
+
+def shiftmax_fast(x: Tensor, x0: int, n: int, k_out: int, mask: Tensor | None = None) -> Tensor:
+    """Engine ``shiftmax`` op (``mask``: ``(nW, N, N)`` repeating over batch-major windows)."""
+    lib = load_c_kernels()
+    n_tok = x.shape[-1]
+    name = {torch.int16: "shiftmax_i16", torch.int32: "shiftmax_i32"}.get(x.dtype)
+    ok = (lib is not None and name is not None and k_out == 8 and n_tok <= 4096 and n <= 62 and -x0 < 2**52
+          and x.is_contiguous() and x.device.type == "cpu" and (mask is None or (x.dim() == 4 and mask.dim() == 3)))
+    if not ok:
+        from .engine import _shiftmax
+
+        return _shiftmax(x, x0, n, k_out, mask)
+    out = torch.empty(x.shape, dtype=torch.int8)
+    mptr, n_win, heads = None, 1, 1
+    if mask is not None:
+        mask_u8 = mask.to(torch.uint8).contiguous()
+        mptr, n_win, heads = mask_u8.data_ptr(), mask.shape[0], x.shape[1]
+    _threads(lib)
+    getattr(lib, name)(x.data_ptr(), out.data_ptr(), x.numel() // n_tok, n_tok, x0, n, k_out, mptr, n_win, heads, 0)
+    return out
+
+
+_GELU_LUT: dict[tuple[int, int, int], Tensor] = {}
+
+
+def shiftgelu_fast(x: Tensor, x0: int, n: int, k_out: int) -> Tensor:
+    """ShiftGELU of int8 inputs by table: ``lut[v] = ops.shiftgelu(v)`` for all 256 values (exact)."""
+    if x.dtype != torch.int8:
+        return ops.shiftgelu(x, x0, n, k_out)
+    key = (x0, n, k_out)
+    lut = _GELU_LUT.get(key)
+    if lut is None:
+        lut = ops.shiftgelu(torch.arange(-128, 128, dtype=torch.int16), x0, n, k_out).contiguous()
+        _GELU_LUT[key] = lut
+    lib = load_c_kernels()
+    if lib is None or not x.is_contiguous() or x.device.type != "cpu":
+        return lut.to(x.device)[x.to(torch.int64) + 128]
+    out = torch.empty(x.shape, dtype=torch.int32)
+    _threads(lib)
+    lib.lut_i8_i32(x.data_ptr(), out.data_ptr(), x.numel(), lut.data_ptr(), 0)
+    return out
+
+
+def _requant_lut(x: Tensor, mult: Tensor, shift: Tensor, lut: Tensor) -> Tensor:
+    """``lut[requantize(x, mult, shift, 8)]`` for int32 ``x``: one pass, int8 out."""
+    lib = load_c_kernels()
+    geo = _rows(x) if x.device.type == "cpu" else None
+    if lib is None or x.dtype != torch.int32 or geo is None or geo[1] != geo[2]:
+        return lut[ops.requantize(x, mult, shift, 8).to(torch.int64) + 128]
+    rows, cols, _ = geo
+    nch = _channels(mult, cols)
+    if nch is None:
+        return lut[ops.requantize(x, mult, shift, 8).to(torch.int64) + 128]
+    out = torch.empty(x.shape, dtype=torch.int8)
+    m, s = _i32(mult), _i32(shift)
+    _threads(lib)
+    lib.requant_lut_i32_i8(x.data_ptr(), out.data_ptr(), rows, cols, m.data_ptr(), s.data_ptr(), nch, ops.qmax(8),
+                           lut.data_ptr(), 0)
+    return out
+
+
+def fuse_steps(program: Program, consts: dict[str, Tensor], steps: list[Step]) -> list[Step]:
+    """Fuse step patterns whose intermediates have no other use; results stay bit-identical.
+
+    * ``requantize(bits=8) -> shiftgelu -> requantize(bits=8)`` (the MLP activation): the last two
+      ops are a function of one int8 value, tabulated once with the reference ops
+      (``lut[v] = requantize(shiftgelu(v))`` for all 256 ``v``) and applied right after the first
+      requantization in a single pass over the int32 accumulator.
+    """
+    from .engine import Step
+
+    nodes = program.nodes
+    uses: dict[str, int] = {}
+    for n in nodes:
+        for v in n.inputs:
+            uses[v] = uses.get(v, 0) + 1
+    out: list[Step] = []
+    i = 0
+    while i < len(steps):
+        if i + 2 < len(steps):
+            a, b, c = nodes[i], nodes[i + 1], nodes[i + 2]
+            if (a.op == "requantize" and a.attrs["bits"] == 8 and b.op == "shiftgelu" and b.inputs == (a.output,)
+                    and c.op == "requantize" and c.attrs["bits"] == 8 and c.inputs == (b.output,)
+                    and uses.get(a.output) == 1 and uses.get(b.output) == 1
+                    and consts[c.consts["mult"]].numel() == 1):
+                v = torch.arange(-128, 128, dtype=torch.int8)
+                g = ops.shiftgelu(v, **b.attrs)
+                lut = ops.requantize(g, consts[c.consts["mult"]], consts[c.consts["shift"]], 8).contiguous()
+                fn = functools.partial(_requant_lut, mult=consts[a.consts["mult"]], shift=consts[a.consts["shift"]],
+                                       lut=lut)
+                out.append(Step(fn, a.inputs, c.output, (i, i + 1, i + 2)))
+                i += 3
+                continue
+        out.append(steps[i])
+        i += 1
+    return out
 
 
 def fast_kernels() -> dict[str, Callable[..., Tensor]]:
@@ -43,4 +352,13 @@ def fast_kernels() -> dict[str, Callable[..., Tensor]]:
     return {
         "linear": int_linear_fast,
         "matmul": lambda a, b, transpose_b: int_matmul_fast(a, b, bool(transpose_b)),
+        "requantize": requantize_fast,
+        "add_requantize": add_requantize_fast,
+        "layernorm": layernorm_fast,
+        "shiftmax": shiftmax_fast,
+        "shiftgelu": shiftgelu_fast,
     }
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m ivit.kernels` builds the cache
+    print("C kernels:", "available" if c_kernels_available() else "unavailable", file=sys.stderr)

@@ -206,11 +206,13 @@ def shiftmax(x: Tensor, x0: int, n: int, k_out: int = 8, mask: Tensor | None = N
 
     ``I_d = I - max(I)`` (max over unmasked positions, ``I_d`` clamped to ``<= 0``);
     ``E = shift_exp(I_d, x0, n)``; masked positions get ``E = 0``;
-    ``out = (E * floor((2**62 - 1) / sum(E))) >> (63 - k_out)``.
+    ``out = min(round_shift(E * floor((2**62 - 1) / sum(E)), 63 - k_out), 2**(k_out-1) - 1)``.
 
     Output: unsigned probabilities in ``[0, 2**(k_out-1) - 1]`` at scale ``2**-(k_out-1)``,
     stored as ``storage_dtype(k_out)`` (int8 for ``k_out = 8``).  Masked positions are exactly 0;
-    a fully masked row is all zeros.  Rounding: floor (both the division and the shift).
+    a fully masked row is all zeros.  Rounding: floor for the division, half up for the final
+    shift (a floor there would bias every row sum down by up to ``N / 2**(k_out-1)``: 197 tokens
+    of ~1/197 each would sum to ~1/3 at 8 bits), then a clamp so a certain position fits int8.
 
     Bounds: ``sum(E) <= N * |x0| * 2**n <= 2**46`` (``choose_shiftmax_n``), so the factor keeps at
     least 16 significant bits and ``E * factor <= 2**62 - 1``.  Input ``|I| < 2**32``.
@@ -223,7 +225,9 @@ def shiftmax(x: Tensor, x0: int, n: int, k_out: int = 8, mask: Tensor | None = N
     if mask is not None:
         e = e.masked_fill(mask, 0)
     s = e.sum(dim=-1, keepdim=True).clamp_(min=1)
-    return _int_div_scale(e, s, k_out).to(storage_dtype(k_out))
+    factor = torch.div(DIV_NUM, s, rounding_mode="floor")
+    out = round_shift(e * factor, 63 - k_out).clamp_(max=qmax(k_out))
+    return out.to(storage_dtype(k_out))
 
 
 def shiftgelu(x: Tensor, x0: int, n: int, k_out: int = 16) -> Tensor:

@@ -1,0 +1,280 @@
+/*
+ * Fast CPU kernels of the ivit integer engine.  Plain C (no torch headers), compiled on first use
+ * with `cc -O3 -march=native -fopenmp -shared` and called through ctypes.
+ *
+ * Every kernel computes exactly the integers of its reference twin in ivit/ops.py (tests compare
+ * them with torch.equal); only integer arithmetic is used.  Conventions shared with ops.py:
+ *   round_shift(v, s) = (v + 2^(s-1)) >> s      (arithmetic shift, ties toward +inf), 1 <= s <= 62
+ *   floor division where ops.py uses rounding_mode="floor"
+ * Tensors are passed as raw pointers; a row stride (in elements) lets kernels read slices of the
+ * last dimension (e.g. q/k/v chunks of the qkv accumulator) without a copy.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static inline int64_t round_shift(int64_t v, int64_t s) { return (v + ((int64_t)1 << (s - 1))) >> s; }
+
+static inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+static inline int64_t floor_div(int64_t a, int64_t b) {
+    int64_t q = a / b;
+    if ((a % b != 0) && ((a < 0) != (b < 0))) q -= 1;
+    return q;
+}
+
+/* Per-channel constants widened once per call: multiplier, rounding half 2^(s-1), shift.
+ * Returns nonzero on allocation failure (the caller then leaves `out` untouched). */
+static int expand_consts(const int32_t *mult, const int32_t *shift, int64_t n, int64_t **m, int64_t **h,
+                         int64_t **s) {
+    *m = malloc(n * sizeof(int64_t));
+    *h = malloc(n * sizeof(int64_t));
+    *s = malloc(n * sizeof(int64_t));
+    if (!*m || !*h || !*s) {
+        free(*m); free(*h); free(*s);
+        return 1;
+    }
+    for (int64_t c = 0; c < n; c++) {
+        (*m)[c] = mult[c];
+        (*s)[c] = shift[c];
+        (*h)[c] = (int64_t)1 << (shift[c] - 1);
+    }
+    return 0;
+}
+
+/* Exact floor(sqrt(v)) by the digit-by-digit (shift/subtract) method: integer ops only. */
+static inline int64_t isqrt64(int64_t v0) {
+    uint64_t v = (uint64_t)v0, r = 0, bit = (uint64_t)1 << 62;
+    while (bit > v) bit >>= 2;
+    while (bit) {
+        if (v >= r + bit) {
+            v -= r + bit;
+            r = (r >> 1) + bit;
+        } else {
+            r >>= 1;
+        }
+        bit >>= 2;
+    }
+    return (int64_t)r;
+}
+
+
+/* requantize: out[r, c] = clamp(round_shift(x[r, c] * mult[c], shift[c]), -qmax, qmax).
+ * mult/shift have `nch` entries (1 = per tensor, else = cols). */
+#define DEF_REQUANT(NAME, TIN, TOUT)                                                              \
+    void NAME(const TIN *x, TOUT *out, int64_t rows, int64_t cols, int64_t in_stride,             \
+              const int32_t *mult, const int32_t *shift, int64_t nch, int64_t qmax, int nt) {     \
+        int64_t *m64 = 0, *h64 = 0, *s64 = 0;                                                     \
+        if (nch > 1 && expand_consts(mult, shift, nch, &m64, &h64, &s64)) return;                 \
+        _Pragma("omp parallel for schedule(static)") for (int64_t r = 0; r < rows; r++) {         \
+            const TIN *restrict xr = x + r * in_stride;                                                    \
+            TOUT *restrict o = out + r * cols;                                                             \
+            if (nch == 1) {                                                                       \
+                const int64_t m = mult[0], s = shift[0]; const int64_t h = (int64_t)1 << (s - 1);               \
+                for (int64_t c = 0; c < cols; c++) {                                              \
+                    int64_t v = ((int64_t)xr[c] * m + h) >> s;                                    \
+                    o[c] = (TOUT)clamp64(v, -qmax, qmax);                                         \
+                }                                                                                 \
+            } else {                                                                              \
+                const int64_t *restrict mm = m64, *restrict hh = h64, *restrict ss = s64;         \
+                for (int64_t c = 0; c < cols; c++) {                                              \
+                    int64_t v = ((int64_t)xr[c] * mm[c] + hh[c]) >> ss[c];                        \
+                    o[c] = (TOUT)clamp64(v, -qmax, qmax);                                         \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        free(m64); free(h64); free(s64);                                                          \
+        (void)nt;                                                                                 \
+    }
+
+DEF_REQUANT(requant_i32_i8, int32_t, int8_t)
+DEF_REQUANT(requant_i32_i16, int32_t, int16_t)
+DEF_REQUANT(requant_i16_i8, int16_t, int8_t)
+DEF_REQUANT(requant_i16_i16, int16_t, int16_t)
+
+/* residual add: out = clamp(round_shift(a*ma, sa) + round_shift(b*mb[c], sb[c]), -qmax, qmax);
+ * a: int16 (rows, C), b: int32 (rows, C); constants per tensor (1 entry) or per channel (C). */
+void add_requant_i16_i32_i16(const int16_t *a, const int32_t *b, int16_t *out, int64_t rows, int64_t cols,
+                             const int32_t *ma, const int32_t *sa, int64_t nch_a,
+                             const int32_t *mb, const int32_t *sb, int64_t nch_b, int64_t qmax, int nt) {
+    int32_t *cst = malloc(4 * cols * sizeof(int32_t));
+    int64_t *e[6] = {0};
+    if (!cst) return;
+    for (int64_t c = 0; c < cols; c++) {
+        cst[c] = ma[nch_a == 1 ? 0 : c];
+        cst[cols + c] = sa[nch_a == 1 ? 0 : c];
+        cst[2 * cols + c] = mb[nch_b == 1 ? 0 : c];
+        cst[3 * cols + c] = sb[nch_b == 1 ? 0 : c];
+    }
+    if (expand_consts(cst, cst + cols, cols, &e[0], &e[1], &e[2]) ||
+        expand_consts(cst + 2 * cols, cst + 3 * cols, cols, &e[3], &e[4], &e[5])) {
+        for (int i = 0; i < 6; i++) free(e[i]);
+        free(cst);
+        return;
+    }
+    const int64_t *restrict m1 = e[0], *restrict h1 = e[1], *restrict s1 = e[2];
+    const int64_t *restrict m2 = e[3], *restrict h2 = e[4], *restrict s2 = e[5];
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int16_t *restrict ar = a + r * cols;
+        const int32_t *restrict br = b + r * cols;
+        int16_t *restrict o = out + r * cols;
+        for (int64_t c = 0; c < cols; c++) {
+            int64_t v = (((int64_t)ar[c] * m1[c] + h1[c]) >> s1[c]) + (((int64_t)br[c] * m2[c] + h2[c]) >> s2[c]);
+            o[c] = (int16_t)clamp64(v, -qmax, qmax);
+        }
+    }
+    for (int i = 0; i < 6; i++) free(e[i]);
+    free(cst);
+    (void)nt;
+}
+
+/* I-LayerNorm (ops.ilayernorm): int16 rows of C -> int8/int16 out. */
+#define LN_Z_SHIFT 11 /* 31 - LN_Z_BITS */
+#define DEF_LN(NAME, TOUT)                                                                         \
+    void NAME(const int16_t *x, TOUT *out, int64_t rows, int64_t C, const int32_t *mult,           \
+              const int32_t *shift, const int32_t *offset, int64_t qmax, int nt) {                 \
+        int64_t *m64 = 0, *h64 = 0, *s64 = 0;                                                      \
+        if (expand_consts(mult, shift, C, &m64, &h64, &s64)) return;                               \
+        _Pragma("omp parallel for schedule(static)") for (int64_t r = 0; r < rows; r++) {          \
+            const int16_t *restrict xr = x + r * C;                                                         \
+            TOUT *restrict o = out + r * C;                                                                 \
+            int64_t s = 0;                                                                         \
+            for (int64_t c = 0; c < C; c++) s += xr[c];                                            \
+            int64_t mean = floor_div(2 * s + C, 2 * C);                                            \
+            int64_t var = 0;                                                                       \
+            for (int64_t c = 0; c < C; c++) {                                                      \
+                int64_t y = xr[c] - mean;                                                          \
+                var += y * y;                                                                      \
+            }                                                                                      \
+            int64_t sd = isqrt64(var);                                                             \
+            int64_t factor = 2147483647LL / (sd < 1 ? 1 : sd);                                     \
+            const int64_t *restrict mm = m64, *restrict hh = h64, *restrict ss = s64;              \
+            for (int64_t c = 0; c < C; c++) {                                                      \
+                int64_t z = ((xr[c] - mean) * factor) >> LN_Z_SHIFT;                               \
+                int64_t v = ((z * mm[c] + hh[c]) >> ss[c]) + offset[c];                            \
+                o[c] = (TOUT)clamp64(v, -qmax, qmax);                                              \
+            }                                                                                      \
+        }                                                                                          \
+        free(m64); free(h64); free(s64);                                                           \
+        (void)nt;                                                                                  \
+    }
+
+DEF_LN(layernorm_i16_i8, int8_t)
+
+/* ShiftExp of I <= 0 (ops.shift_exp). */
+/* q = floor(a / d) for 0 <= a <= 63 * d, 1 <= d < 2^52, without a division (vectorizable):
+ * with inv = floor(2^58 / d) + 1, (a * inv) >> 58 is q or q + 1 (the excess a / 2^58 < 1) and
+ * a * inv < 64 * 2^58 + a fits in uint64; one compare fixes the + 1. */
+static inline int64_t udiv_small(int64_t a, int64_t d, uint64_t inv) {
+    int64_t q = (int64_t)(((uint64_t)a * inv) >> 58);
+    q -= (q * d > a);
+    return q;
+}
+
+static inline int64_t shift_exp(int64_t x, int64_t x0, int64_t n, uint64_t inv) {
+    int64_t xp = x + (x >> 1) - (x >> 4);
+    if (xp < n * x0) xp = n * x0;
+    int64_t q = udiv_small(-xp, -x0, inv); /* == floor(xp / x0): xp <= 0, x0 < 0 */
+    int64_t r = xp - q * x0;
+    return ((r >> 1) - x0) << (n - q);
+}
+
+#define DIV_NUM 4611686018427387903LL /* 2^62 - 1 */
+
+/* Shiftmax over rows of N (ops.shiftmax); optional mask (uint8, (nW, N, N)), where row r of the
+ * (B*nW, H, N, N) score tensor uses mask[(r / (H*N)) % nW][r % N][:]. Scratch: N int64 per thread. */
+#define DEF_SHIFTMAX(NAME, TIN)                                                                    \
+    void NAME(const TIN *x, int8_t *out, int64_t rows, int64_t N, int64_t x0, int64_t n,           \
+              int64_t k_out, const uint8_t *mask, int64_t n_win, int64_t heads, int nt) {           \
+        const uint64_t inv = ((uint64_t)1 << 58) / (uint64_t)(-x0) + 1;                             \
+        const int64_t sh = 63 - k_out, half = (int64_t)1 << (sh - 1), qm = ((int64_t)1 << (k_out - 1)) - 1; \
+        _Pragma("omp parallel") {                                                                  \
+            int64_t e[4096];                                                                       \
+            _Pragma("omp for schedule(static)") for (int64_t r = 0; r < rows; r++) {               \
+                const TIN *restrict xr = x + r * N;                                                         \
+                int8_t *restrict o = out + r * N;                                                           \
+                const uint8_t *mr = 0;                                                             \
+                if (mask) mr = mask + (((r / (heads * N)) % n_win) * N + (r % N)) * N;             \
+                int64_t mx = INT64_MIN;                                                            \
+                for (int64_t j = 0; j < N; j++) {                                                  \
+                    int64_t v = (mr && mr[j]) ? -((int64_t)1 << 40) : (int64_t)xr[j];              \
+                    if (v > mx) mx = v;                                                            \
+                }                                                                                  \
+                int64_t sum = 0;                                                                   \
+                for (int64_t j = 0; j < N; j++) {                                                  \
+                    if (mr && mr[j]) { e[j] = 0; continue; }                                       \
+                    int64_t d = (int64_t)xr[j] - mx;                                               \
+                    if (d > 0) d = 0;                                                              \
+                    e[j] = shift_exp(d, x0, n, inv);                                                    \
+                    sum += e[j];                                                                   \
+                }                                                                                  \
+                int64_t factor = DIV_NUM / (sum < 1 ? 1 : sum);                                    \
+                for (int64_t j = 0; j < N; j++) {                                                  \
+                    int64_t v = (e[j] * factor + half) >> sh;                                      \
+                    o[j] = (int8_t)(v > qm ? qm : v);                                              \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        (void)nt;                                                                                  \
+    }
+
+DEF_SHIFTMAX(shiftmax_i16, int16_t)
+DEF_SHIFTMAX(shiftmax_i32, int32_t)
+
+/* Table lookup: out[i] = lut[x[i] + 128] for int8 x (elementwise ops of an 8-bit input). */
+void lut_i8_i32(const int8_t *x, int32_t *out, int64_t n, const int32_t *lut, int nt) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = lut[(int)x[i] + 128];
+}
+
+void lut_i8_i8(const int8_t *x, int8_t *out, int64_t n, const int8_t *lut, int nt) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = lut[(int)x[i] + 128];
+}
+
+/* requantize int32 per channel to int8, then an int8 -> int8 table (fc1 -> act_in -> GELU -> act_out). */
+void requant_lut_i32_i8(const int32_t *x, int8_t *out, int64_t rows, int64_t cols, const int32_t *mult,
+                        const int32_t *shift, int64_t nch, int64_t qmax, const int8_t *lut, int nt) {
+    int32_t *cst = malloc(2 * cols * sizeof(int32_t));
+    int64_t *m64 = 0, *h64 = 0, *s64 = 0;
+    if (!cst) return;
+    for (int64_t c = 0; c < cols; c++) {
+        cst[c] = mult[nch == 1 ? 0 : c];
+        cst[cols + c] = shift[nch == 1 ? 0 : c];
+    }
+    if (expand_consts(cst, cst + cols, cols, &m64, &h64, &s64)) {
+        free(cst);
+        return;
+    }
+    const int64_t *restrict mm = m64, *restrict hh = h64, *restrict ss = s64;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int32_t *restrict xr = x + r * cols;
+        int8_t *restrict o = out + r * cols;
+        for (int64_t c = 0; c < cols; c++) /* vectorized requantization, biased to 0..255 */
+            o[c] = (int8_t)(clamp64(((int64_t)xr[c] * mm[c] + hh[c]) >> ss[c], -qmax, qmax) + 128);
+        for (int64_t c = 0; c < cols; c++) o[c] = lut[(uint8_t)o[c]];
+    }
+    free(m64); free(h64); free(s64); free(cst);
+    (void)nt;
+}
+
+int ivit_num_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+void ivit_set_num_threads(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#else
+    (void)n;
+#endif
+}
