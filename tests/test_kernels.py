@@ -163,3 +163,35 @@ def test_fused_gelu_step_matches_reference(tiny_vit) -> None:  # noqa: ANN001 - 
     assert [prog.nodes[i].op for i in fused[0].nodes] == ["requantize", "shiftgelu", "requantize"]
     x = random_pixels(3, tiny_vit.img_size, seed=23)
     assert torch.equal(fast(x), ref(x))
+
+
+def _attention_reference(q, k, v, s_mult, s_shift, x0, n, bias=None, mask=None):  # noqa: ANN001, ANN202
+    scores = ops.int_matmul(q, k, transpose_b=True)
+    if bias is not None:
+        scores = (scores.to(torch.int64) + bias.to(torch.int64)).to(torch.int32)
+    s16 = ops.requantize(scores, torch.tensor(s_mult), torch.tensor(s_shift), 16)
+    probs = engine.REFERENCE_KERNELS["shiftmax"](s16, x0=x0, n=n, k_out=8, mask=mask)
+    return ops.int_matmul(probs, v)
+
+
+@needs_c
+@pytest.mark.parametrize("b,h,n_tok,d", [(1, 2, 17, 16), (3, 3, 49, 32), (2, 6, 197, 64), (1, 1, 5, 4)])
+@pytest.mark.parametrize("with_bias_mask", [False, True])
+def test_fused_attention(b: int, h: int, n_tok: int, d: int, with_bias_mask: bool) -> None:
+    """The fused attention kernel equals matmul -> [add bias] -> requantize -> Shiftmax -> matmul."""
+    qkv = _randint(-128, 128, (b, n_tok, 3, h, d), torch.int8, 24)
+    q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))  # non-contiguous (B, H, N, d) views
+    m, s = ops.dyadic(torch.tensor(3e-3, dtype=torch.float64))
+    x0 = ops.shift_exp_x0(0.004)
+    n = ops.choose_shiftmax_n(x0, n_tok)
+    bias = mask = None
+    if with_bias_mask:
+        bias = _randint(-3000, 3000, (h, n_tok, n_tok), torch.int32, 25)
+        nw = 1 if b == 1 else b
+        mask = torch.rand(nw, n_tok, n_tok, generator=_g(26)) < 0.3
+        mask[0, 0] = True  # a fully masked row
+    want = _attention_reference(q, k, v, int(m), int(s), x0, n, bias, mask)
+    got = kernels._attention(q, k, v, s_mult=int(m), s_shift=int(s), s_bits=16, x0=x0, n=n, bias=bias,
+                             mask=None if mask is None else mask.to(torch.uint8))
+    assert got.shape == want.shape
+    assert torch.equal(got, want)

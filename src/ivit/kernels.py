@@ -60,7 +60,10 @@ _SIGNATURES: dict[str, list] = {
     "lut_i8_i8": [_P, _P, _I64, _P, _INT],
     "requant_lut_i32_i8": [_P, _P, _I64, _I64, _P, _P, _I64, _I64, _P, _INT],
     "ivit_set_num_threads": [_INT],
+    "ivit_has_vnni": [],
+    "attention_i8": [_P, _P, _P, _P] + [_I64] * 16 + [_P, _I64, _I64, _I64, _I64, _I64, _P, _I64, _INT],
 }
+_RESTYPES = {"ivit_has_vnni": ctypes.c_int, "attention_i8": ctypes.c_int}
 
 
 def _cache_dir() -> Path:
@@ -109,7 +112,7 @@ def load_c_kernels() -> ctypes.CDLL | None:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = argtypes
-            fn.restype = None
+            fn.restype = _RESTYPES.get(name)
     except (OSError, subprocess.SubprocessError) as e:
         _LIB_FAILED = True
         msg = e.stderr.decode(errors="replace")[:300] if isinstance(e, subprocess.CalledProcessError) else str(e)
@@ -310,9 +313,80 @@ def _requant_lut(x: Tensor, mult: Tensor, shift: Tensor, lut: Tensor) -> Tensor:
     return out
 
 
+def _attention(q: Tensor, k: Tensor, v: Tensor, *, s_mult: int, s_shift: int, s_bits: int, x0: int, n: int,
+               bias: Tensor | None, mask: Tensor | None) -> Tensor:
+    """Fused ``q k^T [+ bias] -> requantize(s_bits) -> Shiftmax(8) -> p v`` (see ``attention_i8``).
+
+    Returns int32 ``(B, H, N, d)`` laid out as ``(B, N, H, d)`` in memory, so that the program's
+    following permute + reshape to ``(B, N, H*d)`` are free views.
+    """
+    lib = load_c_kernels()
+    b, h, n_tok, d = q.shape
+    ok = (lib is not None and q.dtype == k.dtype == v.dtype == torch.int8 and q.dim() == 4 and q.shape == k.shape
+          and q.shape == v.shape and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and d % 4 == 0
+          and q.device.type == "cpu" and (mask is None or b % mask.shape[0] == 0))
+    if not ok:
+        scores = ops.int_matmul(q, k, transpose_b=True)
+        if bias is not None:
+            scores = (scores.to(torch.int64) + bias.to(torch.int64)).to(torch.int32)
+        s16 = ops.requantize(scores, torch.tensor(s_mult), torch.tensor(s_shift), s_bits)
+        from .engine import _shiftmax
+
+        return ops.int_matmul(_shiftmax(s16, x0, n, 8, None if mask is None else mask.bool()), v)
+    out = torch.empty(b, n_tok, h, d, dtype=torch.int32)
+    o = out.permute(0, 2, 1, 3)
+    _threads(lib)
+    failed = lib.attention_i8(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n_tok, d,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        None if bias is None else bias.data_ptr(), s_mult, s_shift, ops.qmax(s_bits), x0, n,
+        None if mask is None else mask.data_ptr(), 1 if mask is None else mask.shape[0], 0)
+    if failed:
+        raise MemoryError("attention_i8: out of memory")
+    return o
+
+
+def _match_attention(nodes: list, i: int, consts: dict[str, Tensor], uses: dict[str, int]) -> tuple[int, dict] | None:
+    """Match ``matmul(q,k^T) [add_const] requantize(16) shiftmax(8) matmul(p,v)`` at node ``i``."""
+    seq = nodes[i:i + 5]
+    if len(seq) < 4 or seq[0].op != "matmul" or not seq[0].attrs.get("transpose_b"):
+        return None
+    j = 1
+    bias = None
+    if seq[j].op == "add_const":
+        if seq[j].inputs != (seq[0].output,):
+            return None
+        bias = consts[seq[j].consts["const"]]
+        j += 1
+    if len(seq) < j + 3:
+        return None
+    rq, sm, mm = seq[j], seq[j + 1], seq[j + 2]
+    chain = seq[: j + 3]
+    if not (rq.op == "requantize" and rq.attrs["bits"] <= 16 and sm.op == "shiftmax" and sm.attrs["k_out"] == 8
+            and mm.op == "matmul" and not mm.attrs.get("transpose_b")):
+        return None
+    if rq.inputs != (chain[j - 1].output,) or sm.inputs != (rq.output,) or mm.inputs[0] != sm.output:
+        return None
+    if any(uses.get(node.output, 0) != 1 for node in chain[:-1]):
+        return None
+    mult, shift = consts[rq.consts["mult"]], consts[rq.consts["shift"]]
+    if mult.numel() != 1 or sm.attrs["n"] > 62 or -sm.attrs["x0"] >= 2**52:
+        return None
+    if bias is not None and (bias.dtype != torch.int32 or bias.dim() != 3):
+        return None
+    mask = consts.get(sm.consts["mask"]) if "mask" in sm.consts else None
+    kw = dict(s_mult=int(mult), s_shift=int(shift), s_bits=rq.attrs["bits"], x0=sm.attrs["x0"], n=sm.attrs["n"],
+              bias=None if bias is None else bias.contiguous(),
+              mask=None if mask is None else mask.to(torch.uint8).contiguous())
+    return len(chain), kw
+
+
 def fuse_steps(program: Program, consts: dict[str, Tensor], steps: list[Step]) -> list[Step]:
     """Fuse step patterns whose intermediates have no other use; results stay bit-identical.
 
+    * ``q k^T [+ bias] -> requantize -> shiftmax -> p v`` (attention): one C kernel per (batch, head)
+      with VNNI dot products, no int32 score tensor in memory (``attention_i8``);
     * ``requantize(bits=8) -> shiftgelu -> requantize(bits=8)`` (the MLP activation): the last two
       ops are a function of one int8 value, tabulated once with the reference ops
       (``lut[v] = requantize(shiftgelu(v))`` for all 256 ``v``) and applied right after the first
@@ -328,6 +402,16 @@ def fuse_steps(program: Program, consts: dict[str, Tensor], steps: list[Step]) -
     out: list[Step] = []
     i = 0
     while i < len(steps):
+        att = _match_attention(nodes, i, consts, uses) if load_c_kernels() is not None else None
+        if att is not None:
+            length, kw = att
+            last = nodes[i + length - 1]
+            q_name, k_name = nodes[i].inputs
+            v_name = last.inputs[1]
+            out.append(Step(functools.partial(_attention, **kw), (q_name, k_name, v_name), last.output,
+                            tuple(range(i, i + length))))
+            i += length
+            continue
         if i + 2 < len(steps):
             a, b, c = nodes[i], nodes[i + 1], nodes[i + 2]
             if (a.op == "requantize" and a.attrs["bits"] == 8 and b.op == "shiftgelu" and b.inputs == (a.output,)

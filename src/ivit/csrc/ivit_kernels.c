@@ -278,3 +278,149 @@ void ivit_set_num_threads(int n) {
     (void)n;
 #endif
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Fused integer attention for one program pattern:
+ *   scores = q @ k^T (int32) [+ bias (H, N, N) int32] -> requantize to int16 (per tensor)
+ *   -> Shiftmax (k_out = 8, optional (nW, N, N) mask) -> ctx = probs @ v (int32)
+ * q, k, v: int8 (BH, N, d) addressed as base + b*sB + h*sH + i*sN (d contiguous), BH = B * heads;
+ * ctx: int32 written at ctx + b*oB + h*oH + i*oN.  Exactly the integers of the unfused ops.
+ * With AVX-512 VNNI the two products use vpdpbusd (u8 x s8): q is offset to unsigned (q + 128) and
+ * the offset removed with 128 * sum_k k[j, k]; probabilities are already in [0, 127].
+ * ------------------------------------------------------------------------------------------------ */
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define IVIT_VNNI 1
+#else
+#define IVIT_VNNI 0
+#endif
+
+int ivit_has_vnni(void) { return IVIT_VNNI; }
+
+static inline void softmax_row(const int32_t *restrict s, int8_t *restrict p, int64_t N, int64_t m, int64_t sh,
+                               int64_t sq, int64_t x0, int64_t n, uint64_t inv, const uint8_t *restrict mr,
+                               int64_t *restrict e) {
+    /* requantize to the score width (sq = its qmax), then Shiftmax exactly as shiftmax_i16;
+     * written as separate simple loops so that each one vectorizes */
+    const int64_t half = (int64_t)1 << (sh - 1);
+    for (int64_t j = 0; j < N; j++) e[j] = clamp64(((int64_t)s[j] * m + half) >> sh, -sq, sq);
+    if (mr)
+        for (int64_t j = 0; j < N; j++) e[j] = mr[j] ? -((int64_t)1 << 40) : e[j];
+    int64_t mx = INT64_MIN;
+    for (int64_t j = 0; j < N; j++) mx = e[j] > mx ? e[j] : mx;
+    int64_t sum = 0;
+    for (int64_t j = 0; j < N; j++) {
+        int64_t d = e[j] - mx;
+        d = d > 0 ? 0 : d;
+        e[j] = shift_exp(d, x0, n, inv);
+    }
+    if (mr)
+        for (int64_t j = 0; j < N; j++) e[j] = mr[j] ? 0 : e[j];
+    for (int64_t j = 0; j < N; j++) sum += e[j];
+    const int64_t factor = DIV_NUM / (sum < 1 ? 1 : sum);
+    const int64_t osh = 63 - 8, ohalf = (int64_t)1 << (osh - 1);
+    for (int64_t j = 0; j < N; j++) {
+        int64_t v = (e[j] * factor + ohalf) >> osh;
+        p[j] = (int8_t)(v > 127 ? 127 : v);
+    }
+}
+
+int attention_i8(const int8_t *q, const int8_t *k, const int8_t *v, int32_t *ctx, int64_t B, int64_t H,
+                  int64_t N, int64_t d, int64_t qB, int64_t qH, int64_t qN, int64_t kB, int64_t kH, int64_t kN,
+                  int64_t vB, int64_t vH, int64_t vN, int64_t oB, int64_t oH, int64_t oN, const int32_t *bias,
+                  int64_t s_mult, int64_t s_shift, int64_t s_qmax, int64_t x0, int64_t n, const uint8_t *mask,
+                  int64_t n_win, int nt) {
+    const uint64_t inv = ((uint64_t)1 << 58) / (uint64_t)(-x0) + 1;
+    const int64_t n16 = (N + 15) / 16 * 16, n4 = (N + 3) / 4 * 4;
+    int failed = 0;
+#pragma omp parallel
+    {
+        int32_t *srow = malloc(n16 * sizeof(int32_t));
+        int64_t *e = malloc(N * sizeof(int64_t));
+        int8_t *prow = malloc(n4 + 64);
+        int8_t *kp = malloc(d * n16 + 64);   /* [d/4][n16][4] */
+        int32_t *ksum = malloc(n16 * sizeof(int32_t));
+        int8_t *vp = malloc(n4 * d + 64);    /* [n4/4][d][4] */
+        uint8_t *qu = malloc(d + 64);
+        int ok = srow && e && prow && kp && ksum && vp && qu;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < B * H; bh++) {
+                const int64_t b = bh / H, h = bh % H;
+                const int8_t *qb = q + b * qB + h * qH, *kb = k + b * kB + h * kH, *vb = v + b * vB + h * vH;
+                int32_t *ob = ctx + b * oB + h * oH;
+                const uint8_t *mb = mask ? mask + ((b % n_win) * N) * N : 0;
+                const int32_t *biasb = bias ? bias + h * N * N : 0;
+                /* pack k and v */
+                for (int64_t j = 0; j < n16; j++) {
+                    int32_t acc = 0;
+                    for (int64_t c = 0; c < d; c++) {
+                        int8_t kv = j < N ? kb[j * kN + c] : 0;
+                        kp[((c >> 2) * n16 + j) * 4 + (c & 3)] = kv;
+                        acc += kv;
+                    }
+                    ksum[j] = acc * 128;
+                }
+                for (int64_t j = 0; j < n4; j++)
+                    for (int64_t c = 0; c < d; c++) vp[((j >> 2) * d + c) * 4 + (j & 3)] = j < N ? vb[j * vN + c] : 0;
+                for (int64_t i = 0; i < N; i++) {
+                    const int8_t *qi = qb + i * qN;
+#if IVIT_VNNI
+                    for (int64_t c = 0; c < d; c++) qu[c] = (uint8_t)(qi[c] + 128);
+                    for (int64_t jb = 0; jb < n16; jb += 16) {
+                        __m512i acc = _mm512_setzero_si512();
+                        for (int64_t c = 0; c < d; c += 4) {
+                            uint32_t w;
+                            __builtin_memcpy(&w, qu + c, 4);
+                            __m512i kv = _mm512_loadu_si512((const void *)(kp + ((c >> 2) * n16 + jb) * 4));
+                            acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32((int)w), kv);
+                        }
+                        acc = _mm512_sub_epi32(acc, _mm512_loadu_si512((const void *)(ksum + jb)));
+                        _mm512_storeu_si512((void *)(srow + jb), acc);
+                    }
+#else
+                    for (int64_t j = 0; j < N; j++) {
+                        int32_t acc = 0;
+                        for (int64_t c = 0; c < d; c++) acc += (int32_t)qi[c] * (int32_t)kb[j * kN + c];
+                        srow[j] = acc;
+                    }
+#endif
+                    if (biasb)
+                        for (int64_t j = 0; j < N; j++)
+                            srow[j] = (int32_t)((int64_t)srow[j] + (int64_t)biasb[i * N + j]);
+                    softmax_row(srow, prow, N, s_mult, s_shift, s_qmax, x0, n, inv, mb ? mb + i * N : 0, e);
+                    for (int64_t j = N; j < n4; j++) prow[j] = 0;
+                    int32_t *oi = ob + i * oN;
+#if IVIT_VNNI
+                    if (d % 16 == 0) {
+                        for (int64_t cb = 0; cb < d; cb += 16) {
+                            __m512i acc = _mm512_setzero_si512();
+                            for (int64_t j = 0; j < n4; j += 4) {
+                                uint32_t w;
+                                __builtin_memcpy(&w, prow + j, 4);
+                                __m512i vv = _mm512_loadu_si512((const void *)(vp + ((j >> 2) * d + cb) * 4));
+                                acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32((int)w), vv);
+                            }
+                            _mm512_storeu_si512((void *)(oi + cb), acc);
+                        }
+                        continue;
+                    }
+#endif
+                    for (int64_t c = 0; c < d; c++) {
+                        int32_t acc = 0;
+                        for (int64_t j = 0; j < N; j++) acc += (int32_t)prow[j] * (int32_t)vb[j * vN + c];
+                        oi[c] = acc;
+                    }
+                }
+            }
+        }
+        free(srow); free(e); free(prow); free(kp); free(ksum); free(vp); free(qu);
+    }
+    (void)nt;
+    return failed;
+}
