@@ -31,6 +31,11 @@ CUSTOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                num_classes=10)),
     "vit_test": ("vit", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0,
                              num_classes=10)),
+    # 4x4 patch grid, 2x2 windows: stage 1 runs plain and shifted (masked) windows, stage 2 (2x2) one window
+    "swin_digits": ("swin", dict(img_size=16, patch_size=4, window_size=2, embed_dim=32, depths=(2, 2),
+                                 num_heads=(2, 4), mlp_ratio=2.0, drop_path_rate=0.0, num_classes=10)),
+    "swin_test": ("swin", dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                               num_heads=(2, 2), mlp_ratio=2.0, drop_path_rate=0.0, num_classes=10)),
 }
 
 _CONVERTERS: dict[type, Callable[[nn.Module, QuantConfig], QModel]] = {}

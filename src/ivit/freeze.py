@@ -224,3 +224,77 @@ def freeze(model: QModel, name: str | None = None, extra_meta: dict[str, Any] | 
         **(extra_meta or {}),
     }
     return Program(nodes=b.nodes, consts=b.consts, input="pixels", output=out.name, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Swin: window partition / reverse, cyclic shifts, padding and the 2x2 patch-merging gather are
+# generic data-movement ops (reshape with 0 = copy the dim and -1 = infer, so the batch size stays
+# free; permute; roll; pad; slice); everything else reuses the ViT emitters.
+# ---------------------------------------------------------------------------------------------
+
+from .models.swin import QPatchMerging, QSwin, QSwinBlock, QSwinStage  # noqa: E402
+
+
+def _move(b: Builder, x: Sym, op: str, **attrs: Any) -> Sym:
+    """A data-movement op: same integers, same scale (channel axis stays last)."""
+    return Sym(b.op(op, [x.name], **attrs), x.scale, x.bits)
+
+
+@register_emitter(QSwinBlock)
+def _emit_swin_block(b: Builder, m: QSwinBlock, x: Sym) -> Sym:
+    (h, w), (sh, sw), (ph, pw), (hp, wp), (wh, ww) = m.resolution, m.shift, m.pad, m.padded, m.window
+    c = m.dim
+    t = emit(b, m.norm1, x)  # int8 (B, H, W, C)
+    if sh or sw:
+        t = _move(b, t, "roll", shifts=[-sh, -sw], dims=[1, 2])
+    if ph or pw:
+        t = _move(b, t, "pad", pads=[0, 0, 0, pw, 0, ph])  # (B, Hp, Wp, C)
+    t = _move(b, t, "reshape", shape=[0, hp // wh, wh, wp // ww, ww, c])
+    t = _move(b, t, "permute", perm=[0, 1, 3, 2, 4, 5])
+    t = _move(b, t, "reshape", shape=[-1, wh * ww, c])  # (B*nW, N, C)
+    a = emit_attention(b, m.attn, t, m.tokens, m.rel_bias(), m.attn_mask)  # int32 (B*nW, N, C)
+    a = _move(b, a, "reshape", shape=[-1, hp // wh, wp // ww, wh, ww, c])
+    a = _move(b, a, "permute", perm=[0, 1, 3, 2, 4, 5])
+    a = _move(b, a, "reshape", shape=[-1, hp, wp, c])  # (B, Hp, Wp, C)
+    if ph or pw:
+        a = _move(b, _move(b, a, "slice", dim=1, start=0, end=h), "slice", dim=2, start=0, end=w)
+    if sh or sw:
+        a = _move(b, a, "roll", shifts=[sh, sw], dims=[1, 2])
+    x = emit(b, m.add1, x, a)
+    return emit(b, m.add2, x, emit(b, m.mlp, emit(b, m.norm2, x)))
+
+
+@register_emitter(QPatchMerging)
+def _emit_patch_merging(b: Builder, m: QPatchMerging, x: Sym) -> Sym:
+    ph, pw = m.pad
+    if ph or pw:
+        x = _move(b, x, "pad", pads=[0, 0, 0, pw, 0, ph])
+    (h2, w2), c = m.out_resolution, m.dim
+    x = _move(b, x, "reshape", shape=[0, h2, 2, w2, 2, c])
+    x = _move(b, x, "permute", perm=[0, 1, 3, 4, 2, 5])
+    x = _move(b, x, "reshape", shape=[0, h2, w2, 4 * c])  # (B, H/2, W/2, 4C)
+    return emit(b, m.out_act, emit(b, m.reduction, emit(b, m.norm, x)))
+
+
+@register_emitter(QSwinStage)
+def _emit_swin_stage(b: Builder, m: QSwinStage, x: Sym) -> Sym:
+    if m.downsample is not None:
+        x = emit(b, m.downsample, x)
+    for blk in m.blocks:
+        x = emit(b, blk, x)
+    return x
+
+
+@register_emitter(QSwin)
+def _emit_swin(b: Builder, m: QSwin, x: Sym) -> Sym:
+    patches = Sym(b.op("patchify", [x.name], patch=m.patch_size), x.scale, 8)
+    h = emit(b, m.embed_act, emit(b, m.patch_embed, patches))  # int16 (B, L, C)
+    h = _move(b, h, "reshape", shape=[0, m.grid[0], m.grid[1], m.embed_dim])  # (B, gh, gw, C)
+    if m.patch_norm is not None:
+        h = emit(b, m.patch_norm, h)
+    for st in m.stages:
+        h = emit(b, st, h)
+    h = emit(b, m.norm, h)  # int8 (B, H, W, C)
+    h = _move(b, h, "reshape", shape=[0, -1, m.num_features])
+    pooled = _move(b, h, "mean", dim=1)  # int8 (B, C)
+    return emit(b, m.head, pooled)

@@ -42,6 +42,7 @@ OPS: dict[str, tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = 
     "reshape": (1, (), (), ("shape",)),
     "permute": (1, (), (), ("perm",)),
     "roll": (1, (), (), ("shifts", "dims")),
+    "pad": (1, (), (), ("pads",)),
     "matmul": (2, (), (), ("transpose_b",)),
     "add_const": (1, ("const",), (), ()),
     "shiftmax": (1, (), ("mask",), ("x0", "n", "k_out")),

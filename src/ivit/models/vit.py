@@ -80,10 +80,18 @@ class QAttention(nn.Module):
     def score_scale(self, q_scale: Tensor, k_scale: Tensor) -> Tensor:
         return q_scale * k_scale * self.sm_scale
 
-    def forward(self, x: QTensor, rel_bias: QTensor | None = None, mask: Tensor | None = None) -> QTensor:
-        """x: 8-bit ``(B, N, C)``; rel_bias: int32 ``(H, N, N)`` at the score scale; mask: bool
-        ``(nW, N, N)`` (True = masked) repeating over the batch in blocks of nW.  Returns the int32
-        accumulator of the output projection ``(B, N, C)``."""
+    def rel_bias_int(self, bias: Tensor, score_scale: Tensor) -> Tensor:
+        """Integer relative-position bias at the score scale: ``round(bias / S_score)`` (half to even,
+        float64, offline-style constant), clamped to ``[-2**30, 2**30]`` so that ``scores + bias`` stays
+        inside int32 (``|q k^T| <= d * 127**2 < 2**30``).  float ``(H, N, N)`` -> int32 ``(H, N, N)``."""
+        b = torch.round(bias.detach().to(torch.float64).cpu() / score_scale.detach().to(torch.float64).cpu())
+        return b.clamp(-(2**30), 2**30).to(torch.int32)
+
+    def forward(self, x: QTensor, rel_bias: Tensor | None = None, mask: Tensor | None = None) -> QTensor:
+        """x: 8-bit ``(B, N, C)``; rel_bias: float ``(H, N, N)`` (quantized to the score scale by
+        ``rel_bias_int``; its float value is the STE surrogate); mask: bool ``(nW, N, N)`` (True = masked)
+        repeating over the batch in blocks of nW.  Returns the int32 accumulator of the output
+        projection ``(B, N, C)``."""
         b, n, c = x.q.shape
         qkv = self.qkv(x)  # int32 (B, N, 3C), per-channel scale
         q = self.heads(self.q_act(_chunk(qkv, 0, 3)))  # int8 (B, H, N, d)
@@ -92,12 +100,13 @@ class QAttention(nn.Module):
         s_scale = self.score_scale(q.scale, k.scale)
         scores = ops.int_matmul(q.q, k.q, transpose_b=True)  # int32 (B, H, N, N)
         if rel_bias is not None:
-            scores = (scores.to(torch.int64) + rel_bias.q.to(torch.int64)).to(torch.int32)
+            bias_int = self.rel_bias_int(rel_bias, s_scale).to(scores.device)
+            scores = (scores.to(torch.int64) + bias_int.to(torch.int64)).to(torch.int32)
         sv = None
         if q.value is not None:
             sv = q.value @ k.value.transpose(-1, -2) * self.sm_scale
             if rel_bias is not None:
-                sv = sv + rel_bias.value
+                sv = sv + rel_bias.to(sv.dtype)
             sv = carry(sv, scores, s_scale)
         s16 = self.score_act(QTensor(scores, s_scale, 32, sv))
         full_mask = None
@@ -213,6 +222,8 @@ class QViT(QModel):
         p = conv.kernel_size[0]
         if conv.kernel_size != conv.stride or conv.kernel_size[0] != conv.kernel_size[1]:
             raise IvitError("patch embedding must be a square conv with stride == kernel size")
+        if any(s % p for s in pe.img_size):
+            raise IvitError(f"image size {tuple(pe.img_size)} is not a multiple of the patch size {p}")
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
         mean = tuple(pcfg.get("mean", (0.485, 0.456, 0.406)))
         std = tuple(pcfg.get("std", (0.229, 0.224, 0.225)))
