@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import ops
 from ..config import QuantConfig
 from ..errors import IvitError
-from ..layers import QAct, QEmbed, QLayerNorm, QLinear, QPatchEmbed, QResidualAdd, QShiftGELU, QShiftmax
+from ..layers import QAct, QEmbed, QLayerNorm, QLinear, QPatchEmbed, QResidualAdd, QShiftGELU, QShiftmax, int_matmul
 from ..qtensor import QTensor, carry
 from .base import QModel
 
@@ -98,7 +97,7 @@ class QAttention(nn.Module):
         k = self.heads(self.k_act(_chunk(qkv, 1, 3)))
         v = self.heads(self.v_act(_chunk(qkv, 2, 3)))
         s_scale = self.score_scale(q.scale, k.scale)
-        scores = ops.int_matmul(q.q, k.q, transpose_b=True)  # int32 (B, H, N, N)
+        scores = int_matmul(q.q, k.q, transpose_b=True)  # int32 (B, H, N, N)
         if rel_bias is not None:
             bias_int = self.rel_bias_int(rel_bias, s_scale).to(scores.device)
             scores = (scores.to(torch.int64) + bias_int.to(torch.int64)).to(torch.int32)
@@ -115,7 +114,7 @@ class QAttention(nn.Module):
             full_mask = mask.view(1, nw, 1, n, n).expand(b // nw, nw, self.num_heads, n, n).reshape(
                 b, self.num_heads, n, n)
         p = self.softmax(s16, full_mask)  # int8 probabilities (B, H, N, N), scale 2^-7
-        ctx = ops.int_matmul(p.q, v.q)  # int32 (B, H, N, d)
+        ctx = int_matmul(p.q, v.q)  # int32 (B, H, N, d)
         c_scale = p.scale * v.scale
         cv = None if p.value is None else carry(p.value @ v.value, ctx, c_scale)
         ctx_q = QTensor(ctx, c_scale, 32, cv).map(lambda t: t.transpose(1, 2).reshape(b, n, c))  # (B,N,C)
