@@ -2,22 +2,33 @@
 
 Datasets yield uint8 images; the float model sees ``(x / 255 - mean) / std`` (``normalize``), the
 integer model and engine see the uint8 pixels themselves (normalization is folded in).
+
+``train`` is the plain in-memory loop (demo); ``Trainer`` is the resumable one behind ``ivit train`` /
+``ivit qat``: checkpoints (``ivit.checkpoint``) every N steps and epoch, exact resume, per-epoch logs
+and plot (``ivit.runlog``), and ``DistributedDataParallel`` under ``torchrun`` (``ivit.distributed``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from . import distributed as D
+from .errors import IvitError
 from .models.base import QModel
 
-__all__ = ["normalize", "FloatWrapper", "TrainConfig", "train", "evaluate", "predict_int", "cosine_lr"]
+__all__ = ["normalize", "FloatWrapper", "TrainConfig", "train", "evaluate", "predict_int", "cosine_lr",
+           "make_optimizer", "LogitsModule", "EpochSampler", "Trainer", "CHECKPOINT_NAME", "evaluate_dataset"]
 
 
 def normalize(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
@@ -63,6 +74,15 @@ class TrainConfig:
     distill_tau: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
+    min_lr_ratio: float = 0.01  # the cosine schedule ends at min_lr_ratio * lr
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (no decay on biases, norms, embeddings' 1-D params)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
@@ -72,6 +92,19 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
             return out.dequantize()
         return out.value
     return out
+
+
+def _loss(logits: Tensor, y: Tensor, x: Tensor, cfg: TrainConfig, teacher: nn.Module | None) -> Tensor:
+    """Label-smoothed cross entropy, mixed with the KL divergence to the teacher's soft labels."""
+    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if teacher is not None and cfg.distill_alpha > 0:
+        with torch.no_grad():
+            t_logits = teacher(x)
+        tau = cfg.distill_tau
+        kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits / tau, -1),
+                      reduction="batchmean", log_target=True) * tau * tau
+        loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kl
+    return loss
 
 
 def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, teacher: nn.Module | None = None,
@@ -84,10 +117,7 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, teacher: nn.Mo
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = make_optimizer(params, cfg)
     steps_per_epoch = len(loader)
     total = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
@@ -103,16 +133,8 @@ def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, teacher: nn.Mo
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, total, cfg.lr, warmup)
-            logits = _logits(model, x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if teacher is not None and cfg.distill_alpha > 0:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-                tau = cfg.distill_tau
-                kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits / tau, -1),
-                              reduction="batchmean", log_target=True) * tau * tau
-                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kl
+                g["lr"] = cosine_lr(step, total, cfg.lr, warmup, cfg.min_lr_ratio)
+            loss = _loss(_logits(model, x), y, x, cfg, teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -158,3 +180,376 @@ def predict_int(qmodel: QModel) -> Callable[[Tensor], Tensor]:
 def loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable, distributed training runs
+
+#: File name of the rolling training checkpoint inside a run's output folder.
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+class LogitsModule(nn.Module):
+    """Tensor-in, tensor-out view of a model (``DistributedDataParallel`` needs tensor outputs; a
+    ``QModel`` returns a ``QTensor``): float logits of a float model, the STE carrier of a ``QModel``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _logits(self.model, x)
+
+
+class EpochSampler(Sampler[int]):
+    """Reproducible, shardable, resumable order of one epoch.
+
+    The order of epoch ``e`` is ``randperm(n, seed + e)`` (``arange(n)`` without shuffle), cut to
+    ``world_size * (n // world_size)`` indices, of which rank ``r`` takes every ``world_size``-th from
+    ``r``, keeping whole batches only (every rank runs the same number of steps).  ``set_epoch(e,
+    skip)`` drops the first ``skip`` batches: a resumed run continues in the same order.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.skip = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (self.n // self.world_size) // self.batch_size
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        per_rank = self.n // self.world_size
+        mine = order[: per_rank * self.world_size][self.rank:: self.world_size]
+        return iter(mine[self.skip * self.batch_size: self.batches_per_epoch * self.batch_size].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.skip) * self.batch_size
+
+
+def _fingerprint(model: nn.Module) -> list[float]:
+    """Per-parameter float64 sums: equal on every rank iff (almost surely) the weights are equal."""
+    with torch.no_grad():
+        return [float(p.detach().to(torch.float64).sum()) + float(p.detach().to(torch.float64).abs().sum())
+                for p in model.parameters()]
+
+
+def evaluate_dataset(model: nn.Module, ds: Dataset, batch_size: int = 128, num_workers: int = 0,
+                     progress: bool = False) -> dict[str, float]:
+    """Top-1/top-5 of ``model`` on ``ds``, sharded over ranks under torchrun (counts summed).
+
+    Keys ``int_top1``/``int_top5`` for a ``QModel`` (its integer eval path, int32 logits) and
+    ``float_top1``/``float_top5`` otherwise (a model taking uint8 pixels, e.g. ``FloatWrapper``).
+    """
+    rank, world = D.rank(), D.world_size()
+    device = next(model.parameters()).device
+    model.eval()
+    if world > 1:
+        ds = Subset(ds, range(rank, len(ds), world))
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if isinstance(model, QModel):
+        prefix, int_logits = "int", predict_int(model)
+
+        def predict(x: Tensor) -> Tensor:
+            return int_logits(x).cpu()
+    else:
+        prefix = "float"
+
+        def predict(x: Tensor) -> Tensor:
+            return model(x.to(device)).cpu()
+    show = progress and rank == 0
+    res = evaluate(predict, loader, progress=show, desc=f"eval {prefix}") if len(ds) else {"top1": 0.0, "top5": 0.0,
+                                                                                             "n": 0}
+    n = res["n"]
+    c1, c5, n = D.all_reduce_sum([round(res["top1"] * n), round(res["top5"] * n), float(n)])
+    return {f"{prefix}_top1": c1 / max(1.0, n), f"{prefix}_top5": c5 / max(1.0, n)}
+
+
+class Trainer:
+    """A resumable training run of a float model (``FloatWrapper``) or of an integer ``QModel`` (QAT).
+
+    AdamW + linear warmup + cosine decay per step, label smoothing, optional distillation from a float
+    ``teacher``, gradient clipping.  Under ``torchrun`` the model is wrapped in
+    ``DistributedDataParallel`` (buffers, i.e. observer ranges, follow rank 0) and the data is sharded
+    by :class:`EpochSampler`; metrics are averaged over ranks and only rank 0 writes files.
+
+    With ``out_dir`` the run writes ``out_dir/checkpoint.safetensors`` (see ``ivit.checkpoint``) every
+    ``save_every`` steps and after every epoch, and ``log.jsonl`` / ``log.csv`` / ``accuracy.png`` after
+    every epoch.  ``fit(resume=path)`` restores model, observers, optimizer, schedule position, data
+    position and random states, so that (with ``num_workers=0``) a run killed at any moment and
+    resumed ends with exactly the weights of an uninterrupted run.
+
+    Args:
+        model: a ``FloatWrapper`` or a calibrated ``QModel``, already on its device.
+        train_ds: dataset of ``(uint8 image, label)``; its ``transform`` is the augmentation.
+        cfg: optimizer/schedule settings (``batch_size`` is per process).
+        eval_ds: held-out dataset evaluated after each epoch (``float_top1`` / ``int_top1``).
+        teacher: float model (uint8 in, logits out) for distillation when ``cfg.distill_alpha > 0``.
+        out_dir: folder for the checkpoint and logs (must exist); None: no files.
+        save_every: also checkpoint every this many steps (0: only at epoch ends).
+        identity: JSON-able description of the run (model name, architecture, ``QuantConfig``); a
+            checkpoint with another identity is refused with one ``IvitError`` line.
+        history: records to start the history with (e.g. the epoch-0 baselines of a QAT run).
+        progress: tqdm bars for epochs and steps (rank 0 only).
+        num_workers: data loader workers (exact resume needs 0).
+        eval_batch_size: batch size of evaluation (default ``2 * batch_size``).
+        desc: label of the progress bars.
+        title: title of the accuracy plot.
+        on_step: called after every step (and after a step checkpoint) with the trainer.
+    """
+
+    def __init__(self, model: nn.Module, train_ds: Dataset, cfg: TrainConfig, *, eval_ds: Dataset | None = None,
+                 teacher: nn.Module | None = None, out_dir: str | Path | None = None, save_every: int = 0,
+                 identity: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
+                 progress: bool = True, num_workers: int = 0, eval_batch_size: int | None = None,
+                 desc: str = "train", title: str = "", on_step: Callable[[Trainer], None] | None = None) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = next(model.parameters()).device
+        self.rank, self.world = D.rank(), D.world_size()
+        self.eval_ds = eval_ds
+        self.teacher = teacher
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        if self.out_dir is not None and not self.out_dir.is_dir():
+            raise IvitError(f"output folder does not exist: {self.out_dir}")
+        if self.out_dir is not None and D.rank() == 0:  # a save torn by a crash leaves a temporary file
+            for stale in self.out_dir.glob(f".{CHECKPOINT_NAME}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        if save_every < 0:
+            raise IvitError("--save-every must be >= 0")
+        self.save_every = save_every
+        kind = "qat" if isinstance(model, QModel) else "float"
+        self.identity = {"kind": kind, "model_class": type(model).__name__, **(identity or {})}
+        self.history: list[dict[str, Any]] = list(history or [])
+        self.progress = progress
+        self.num_workers = num_workers
+        self.eval_batch_size = eval_batch_size or 2 * cfg.batch_size
+        self.desc = desc
+        self.title = title
+        self.on_step = on_step
+
+        self.sampler = EpochSampler(len(train_ds), cfg.batch_size, True, cfg.seed, self.rank, self.world)
+        if self.sampler.batches_per_epoch < 1:
+            raise IvitError(f"the training set ({len(train_ds)} images over {self.world} process(es)) is "
+                            f"smaller than one batch of {cfg.batch_size}")
+        # its own generator, so creating an epoch's iterator never draws from the global RNG
+        self._loader_gen = torch.Generator()
+        self.loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=self.sampler,
+                                 num_workers=num_workers, generator=self._loader_gen,
+                                 pin_memory=self.device.type == "cuda")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.params, cfg)
+        net: nn.Module = LogitsModule(model)
+        if D.is_distributed():
+            import inspect
+
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # buffers (observer ranges) follow rank 0 at every forward; the keyword was renamed in torch 2.14
+            sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                    else "broadcast_buffers")
+            net = DDP(net, device_ids=[self.device] if self.device.type == "cuda" else None, **{sync: True})
+        self.net = net
+
+        self.epoch = 0  # finished epochs
+        self.step = 0  # optimizer steps done (global position in the schedule)
+        self.step_in_epoch = 0
+        self.loss_sum = 0.0  # this rank's running loss of the current epoch
+        self.loss_count = 0
+        self.epoch_time = 0.0
+
+    # -- schedule -------------------------------------------------------------------------------
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def lr_at(self, step: int) -> float:
+        total = self.cfg.epochs * self.steps_per_epoch
+        warmup = int(self.cfg.warmup_epochs * self.steps_per_epoch)
+        return cosine_lr(step, total, self.cfg.lr, warmup, self.cfg.min_lr_ratio)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / CHECKPOINT_NAME
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        """One optimizer step at the scheduled learning rate; returns the batch loss."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        lr = self.lr_at(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss = _loss(self.net(x), y, x, self.cfg, self.teacher)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.opt.step()
+        return float(loss.detach())
+
+    def fit(self, resume: str | Path | None = None) -> list[dict[str, Any]]:
+        """Train up to ``cfg.epochs`` (continuing from checkpoint ``resume`` if given); returns the history."""
+        from tqdm.auto import tqdm
+
+        if resume is not None:
+            self.load(resume)
+        cfg = self.cfg
+        show = self.progress and self.rank == 0
+        if self.teacher is not None:
+            self.teacher.eval()
+        ebar = tqdm(total=cfg.epochs, initial=self.epoch, desc=self.desc, unit="epoch", disable=not show)
+        while self.epoch < cfg.epochs:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+            self._loader_gen.manual_seed(cfg.seed * 100_003 + self.epoch)
+            self.model.train()
+            sbar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, leave=False, unit="step",
+                        desc=f"epoch {self.epoch + 1}/{cfg.epochs}", disable=not show)
+            t0 = time.time()
+            for x, y in self.loader:
+                loss = self.train_step(x, y)
+                self.step += 1
+                self.step_in_epoch += 1
+                self.loss_sum += loss * y.shape[0]
+                self.loss_count += int(y.shape[0])
+                sbar.update(1)
+                sbar.set_postfix(loss=f"{self.loss_sum / self.loss_count:.4f}", lr=f"{self.lr_at(self.step - 1):.2e}")
+                if self.save_every and self.step % self.save_every == 0 and self.step_in_epoch < self.steps_per_epoch:
+                    self.epoch_time += time.time() - t0
+                    t0 = time.time()
+                    self.save()
+                if self.on_step is not None:
+                    self.on_step(self)
+            sbar.close()
+            self.epoch_time += time.time() - t0
+            rec = self._end_epoch()
+            ebar.update(1)
+            ebar.set_postfix({k: (f"{v * 100:.2f}%" if k.endswith("top1") else f"{v:.4f}") for k, v in rec.items()
+                              if k.endswith("top1") or k == "loss"})
+        ebar.close()
+        self.model.eval()
+        return self.history
+
+    def _end_epoch(self) -> dict[str, Any]:
+        D.broadcast_buffers(self.model)  # every rank keeps rank 0's observer ranges
+        loss_sum, count = D.all_reduce_sum([self.loss_sum, float(self.loss_count)])
+        rec: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr_at(self.step - 1),
+                               "loss": loss_sum / max(1.0, count)}
+        rec.update(self.evaluate())
+        rec["time"] = round(self.epoch_time, 3)
+        if self.world > 1:
+            prints = D.all_gather_objects(_fingerprint(self.model))
+            rec["world_size"] = self.world
+            rec["ranks_in_sync"] = all(p == prints[0] for p in prints)
+            if not rec["ranks_in_sync"]:
+                warnings.warn("model weights differ between ranks", RuntimeWarning, stacklevel=2)
+        self.history.append(rec)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.loss_sum, self.loss_count, self.epoch_time = 0.0, 0, 0.0
+        self.save()
+        if self.out_dir is not None and self.rank == 0:
+            from .runlog import write_logs
+
+            write_logs(self.out_dir, self.history, self.title)
+        return rec
+
+    def evaluate(self) -> dict[str, float]:
+        """Top-1/top-5 of the model on ``eval_ds`` (see :func:`evaluate_dataset`)."""
+        if self.eval_ds is None:
+            return {}
+        return evaluate_dataset(self.model, self.eval_ds, self.eval_batch_size, self.num_workers)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """Write the checkpoint (collective under torchrun: every rank must call it; rank 0 writes)."""
+        from .checkpoint import module_attrs, pack_optimizer, rng_state, save_checkpoint
+
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            return None
+        rng_t, rng_info = rng_state()
+        mine = {"rng_t": rng_t, "rng": rng_info, "loss": [self.loss_sum, self.loss_count]}
+        ranks = D.all_gather_objects(mine)
+        if self.rank != 0:
+            return None
+        tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        opt_t, opt_info = pack_optimizer(self.opt)
+        tensors.update({f"optim/{k}": v for k, v in opt_t.items()})
+        for r, st in enumerate(ranks):
+            tensors.update({f"rng/{r}/{k}": v for k, v in st["rng_t"].items()})
+        meta = {
+            "identity": self.identity,
+            "train_config": asdict(self.cfg),
+            "epoch": self.epoch,
+            "step": self.step,
+            "step_in_epoch": self.step_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.world,
+            "epoch_time": self.epoch_time,
+            "optimizer": opt_info,
+            "rng": [st["rng"] for st in ranks],
+            "loss": [st["loss"] for st in ranks],
+            "attrs": module_attrs(self.model),
+            "history": self.history,
+        }
+        return save_checkpoint(path, tensors, meta)
+
+    def load(self, path: str | Path) -> None:
+        """Restore a checkpoint written by :meth:`save` (any rank count; exact only with the same one)."""
+        from .checkpoint import check_identity, load_checkpoint, set_module_attrs, set_rng_state, unpack_optimizer
+
+        ck = load_checkpoint(path)
+        meta = ck.meta
+        try:
+            check_identity(path, meta["identity"], self.identity)
+            saved_cfg = meta["train_config"]
+            for k, v in asdict(self.cfg).items():
+                if k != "epochs" and saved_cfg.get(k) != v:
+                    raise IvitError(f"checkpoint {path} was written with {k}={saved_cfg.get(k)} but this run has "
+                                    f"{k}={v}; use the same options (only --epochs may change) or a new output folder")
+            sd = ck.group("model")
+            own = self.model.state_dict()
+            missing = [k for k in own if k not in sd]
+            extra = [k for k in sd if k not in own]
+            bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+            if missing or extra or bad:
+                first = (bad or missing or extra)[0]
+                raise IvitError(f"checkpoint {path} does not match this model ({len(missing)} missing, "
+                                f"{len(extra)} unexpected, {len(bad)} mismatched tensors, first: {first})")
+            self.model.load_state_dict(sd)
+            set_module_attrs(self.model, meta.get("attrs", {}))
+            unpack_optimizer(self.opt, ck.group("optim"), meta["optimizer"])
+            self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+            self.step_in_epoch = int(meta["step_in_epoch"])
+            self.history = list(meta["history"])
+            same_layout = (int(meta["world_size"]) == self.world
+                           and int(meta["steps_per_epoch"]) == self.steps_per_epoch)
+            if same_layout:
+                set_rng_state(ck.group(f"rng/{self.rank}"), meta["rng"][self.rank])
+                self.loss_sum, self.loss_count = float(meta["loss"][self.rank][0]), int(meta["loss"][self.rank][1])
+                self.epoch_time = float(meta.get("epoch_time", 0.0))
+            else:
+                if self.rank == 0:
+                    warnings.warn(f"checkpoint was written by {meta['world_size']} process(es) with "
+                                  f"{meta['steps_per_epoch']} steps per epoch; restarting epoch {self.epoch + 1} "
+                                  "(the run continues but is not bit-identical to an uninterrupted one)",
+                                  RuntimeWarning, stacklevel=2)
+                self.step = self.epoch * self.steps_per_epoch
+                self.step_in_epoch = 0
+                torch.manual_seed(self.cfg.seed + 7919 * self.epoch + self.rank)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise IvitError(f"corrupt checkpoint metadata in {path}: {type(e).__name__}: {e}") from None

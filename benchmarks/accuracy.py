@@ -1,0 +1,366 @@
+"""Accuracy of integer-only models on Fashion-MNIST: FP32 vs PTQ vs QAT, with the engine's bit-exact check.
+
+For each model (a small ViT and a small Swin, sized for a 2-core CPU):
+
+1. train the float timm model from scratch (AdamW + cosine, label smoothing, pad-crop/flip
+   augmentation) with ``ivit.train.Trainer`` (resumable: rerunning the command continues an
+   interrupted benchmark from its last checkpoint);
+2. FP32 top-1 on the 10,000 test images;
+3. PTQ with fixed parameters: ``ivit.quantize`` + ``ivit.calibrate`` (running min/max, ShiftExp n from
+   ``QuantConfig``), frozen to a ``.ivit`` program, accuracy from the integer engine;
+4. PTQ with the per-layer search (``ivit.ptq.search``: clipping ranges and ShiftExp shifts);
+5. QAT of the calibrated integer model (STE, AdamW + cosine, small learning rate), frozen likewise;
+6. (demonstration) PTQ of the same float model after a function-preserving injection of LayerNorm
+   outlier channels, with fixed parameters vs with the search.
+
+Every integer top-1 comes from the ``.ivit`` engine's int32 logits, and each program's engine logits
+are compared with ``torch.equal`` against the PyTorch integer model (``bitexact``).  Results go to
+``benchmarks/results/accuracy.{json,md}`` (``accuracy_quick.*`` with ``--quick``) and per-model
+plots ``benchmarks/results/accuracy_<model>.png``.
+
+Full run (about an hour on 2 idle cores; the README quotes this command)::
+
+    OMP_NUM_THREADS=2 python benchmarks/accuracy.py
+
+Smoke test (a few minutes)::
+
+    OMP_NUM_THREADS=1 python benchmarks/accuracy.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import Dataset, Subset
+
+import ivit
+from ivit import data
+from ivit.engine import Engine
+from ivit.models.base import QModel
+from ivit.ptq import ptq
+from ivit.runlog import plot_accuracy, write_text_atomic
+from ivit.train import CHECKPOINT_NAME, FloatWrapper, TrainConfig, Trainer, evaluate_dataset
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmark model: an ivit custom name plus timm keyword overrides."""
+
+    label: str
+    name: str
+    kwargs: dict[str, Any]
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {
+    "vit": ModelSpec("ViT", "vit_fmnist", {}, "ViT: 28x28, patch 4 (49+1 tokens), depth 6, width 128, 4 heads, MLP 2x"),
+    "swin": ModelSpec("Swin", "swin_digits",
+                      dict(img_size=28, patch_size=2, window_size=7, embed_dim=64, depths=(2, 2), num_heads=(2, 4),
+                           mlp_ratio=2.0, num_classes=10),
+                      "Swin: 28x28, patch 2 (14x14 tokens), window 7, depths 2+2, widths 64/128, MLP 2x"),
+}
+
+
+@dataclass
+class Settings:
+    float_epochs: int
+    float_lr: float
+    qat_epochs: int
+    qat_lr: float
+    batch: int
+    calib_batches: int
+    search_batches: int
+    limit_train: int
+    limit_test: int
+    qat_limit_train: int
+    bitexact_images: int
+    distill: bool
+    outlier_scale: float = 64.0
+
+
+#: About an hour on 2 idle cores (~1.8 h on one busy core): 4 float epochs over the 60,000 training images,
+#: QAT over 30,000 of them, every integer program evaluated on the 10,000 test images.
+FULL = Settings(float_epochs=4, float_lr=1e-3, qat_epochs=1, qat_lr=5e-5, batch=64, calib_batches=8,
+                search_batches=2, limit_train=0, limit_test=0, qat_limit_train=30000, bitexact_images=2000,
+                distill=False)
+QUICK = Settings(float_epochs=2, float_lr=2e-3, qat_epochs=1, qat_lr=5e-5, batch=64, calib_batches=4,
+                 search_batches=1, limit_train=2048, limit_test=512, qat_limit_train=1024, bitexact_images=256,
+                 distill=False)
+
+
+def inject_layernorm_outliers(model: torch.nn.Module, scale: float, channels: int = 2, seed: int = 0) -> None:
+    """Give every ``norm1``/``norm2`` LayerNorm ``channels`` outlier channels, float function unchanged:
+    ``gamma_c, beta_c *= scale`` and the next linear layer's ``W[:, c] /= scale``.  This mimics the
+    systematic post-LayerNorm outlier channels of pretrained DeiT-B / ViT-B that make PTQ with fixed
+    per-tensor ranges collapse."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            for norm_name, lin in (("norm1", getattr(getattr(m, "attn", None), "qkv", None)),
+                                   ("norm2", getattr(getattr(m, "mlp", None), "fc1", None))):
+                norm = getattr(m, norm_name, None)
+                if isinstance(norm, torch.nn.LayerNorm) and isinstance(lin, torch.nn.Linear):
+                    ch = torch.randperm(norm.weight.shape[0], generator=g)[:channels]
+                    norm.weight[ch] *= scale
+                    norm.bias[ch] *= scale
+                    lin.weight[:, ch] /= scale
+
+
+def _limit(ds: Dataset, n: int) -> Dataset:
+    return Subset(ds, range(min(n, len(ds)))) if n else ds
+
+
+def _int_eval(prog: ivit.Program, qmodel: QModel, test: Dataset, batch: int,
+              bitexact_images: int) -> dict[str, Any]:
+    """Engine top-1 over ``test``; engine vs PyTorch integer model on the first ``bitexact_images``."""
+    engine = Engine(prog)
+    qmodel.eval()
+    correct = n = checked = 0
+    bitexact = True
+    t0 = time.time()
+    for x, y in data.make_loader(test, 4 * batch, shuffle=False):
+        logits = engine(x)
+        correct += int((logits.argmax(-1) == y).sum())
+        n += y.shape[0]
+        if not bitexact_images or checked < bitexact_images:
+            k = x.shape[0] if not bitexact_images else min(x.shape[0], bitexact_images - checked)
+            bitexact &= torch.equal(logits[:k], qmodel.logits(x[:k]))
+            checked += k
+    return {"top1": correct / n, "n": n, "bitexact": bool(bitexact), "bitexact_images": checked,
+            "eval_s": round(time.time() - t0, 1), "ops": len(prog.nodes)}
+
+
+def run_model(key: str, s: Settings, out: Path, progress: bool, log: Console) -> dict[str, Any]:
+    spec = MODELS[key]
+    run_dir = out / "runs" / key
+    (run_dir / "float").mkdir(parents=True, exist_ok=True)
+    (run_dir / "qat").mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"model": spec.label, "description": spec.description}
+    times: dict[str, float] = {}
+
+    torch.manual_seed(0)
+    model = ivit.create_model(spec.name, **spec.kwargs)
+    row["params"] = sum(p.numel() for p in model.parameters())
+    img = model.patch_embed.img_size[0]
+    train = data.fashion_mnist("train", img)
+    train.transform = data.train_augment(img, flip=True)
+    test = _limit(data.fashion_mnist("test", img), s.limit_test)
+    calib_src = data.fashion_mnist("train", img)  # un-augmented
+    calib = []
+    for x, _ in data.make_loader(_limit(calib_src, s.limit_train), s.batch, shuffle=True, seed=0):
+        calib.append(x)
+        if len(calib) >= s.calib_batches:
+            break
+
+    # 1-2. float training (resumes an interrupted benchmark)
+    t0 = time.time()
+    fmodel = FloatWrapper(model)
+    fcfg = TrainConfig(epochs=s.float_epochs, lr=s.float_lr, weight_decay=0.05, batch_size=s.batch,
+                       warmup_epochs=min(1.0, s.float_epochs / 4), label_smoothing=0.1, seed=0)
+    ck = run_dir / "float" / CHECKPOINT_NAME
+    torch.manual_seed(1)
+    trainer = Trainer(fmodel, _limit(train, s.limit_train), fcfg, eval_ds=test, out_dir=run_dir / "float",
+                      identity={"model": spec.name, "kwargs": json.loads(json.dumps(spec.kwargs))},
+                      progress=progress, desc=f"{spec.label} float", title=f"{spec.label} float training")
+    if ck.exists():
+        trainer.load(ck)
+    step0 = trainer.step
+    fhist = trainer.fit()
+    if trainer.step != step0:  # the float model changed: an older QAT checkpoint no longer applies
+        (run_dir / "qat" / CHECKPOINT_NAME).unlink(missing_ok=True)
+    fmodel.eval()
+    row["fp32"] = fhist[-1]["float_top1"]
+    times["float_train_s"] = round(time.time() - t0, 1)
+    log.print(f"{spec.label}: FP32 top-1 {row['fp32'] * 100:.2f}% ({times['float_train_s']:.0f} s)")
+
+    # 3. PTQ with fixed parameters
+    t0 = time.time()
+    fixed = ivit.quantize(model)
+    ivit.calibrate(fixed, calib)
+    prog = ivit.freeze(fixed, name=spec.name)
+    prog.save(run_dir / "ptq_fixed.ivit")
+    res = _int_eval(prog, fixed, test, s.batch, s.bitexact_images)
+    row["ptq_fixed"], row["bitexact_ptq_fixed"] = res["top1"], res["bitexact"]
+    times["ptq_fixed_s"] = round(time.time() - t0, 1)
+    log.print(f"{spec.label}: PTQ (fixed parameters) top-1 {res['top1'] * 100:.2f}% bit-exact {res['bitexact']}")
+
+    # 4. PTQ with the per-layer search (LayerNorm balancing, clipping ranges, ShiftExp shifts)
+    t0 = time.time()
+    qsearch = ivit.quantize(model)
+    report = ptq(qsearch, calib, search_batches=s.search_batches, progress=progress)
+    times["search_s"] = round(time.time() - t0, 1)
+    prog = ivit.freeze(qsearch, name=spec.name)
+    prog.save(run_dir / "ptq.ivit")
+    res = _int_eval(prog, qsearch, test, s.batch, s.bitexact_images)
+    row["ptq"], row["bitexact_ptq"] = res["top1"], res["bitexact"]
+    row["search"] = report.summary()
+    write_text_atomic(run_dir / "ptq_search.json", json.dumps(report.to_json(), indent=1) + "\n")
+    times["ptq_search_total_s"] = round(time.time() - t0, 1)
+    log.print(f"{spec.label}: PTQ (searched) top-1 {res['top1'] * 100:.2f}% bit-exact {res['bitexact']}; "
+              f"{report.summary()}")
+    del qsearch
+
+    # 4b. the same float model with LayerNorm outlier channels (float function unchanged): fixed vs searched
+    if s.outlier_scale > 1:
+        t0 = time.time()
+        omodel = copy.deepcopy(model)
+        inject_layernorm_outliers(omodel, s.outlier_scale)
+        row["fp32_outliers"] = evaluate_dataset(FloatWrapper(omodel), test, 4 * s.batch)["float_top1"]
+        for key_, search_on in (("ptq_fixed_outliers", False), ("ptq_outliers", True)):
+            oq = ivit.quantize(omodel)
+            ptq(oq, calib, search_params=search_on, search_batches=s.search_batches, progress=progress)
+            res = _int_eval(ivit.freeze(oq, name=spec.name), oq, test, s.batch, s.bitexact_images)
+            row[key_], row[f"bitexact_{key_}"] = res["top1"], res["bitexact"]
+        times["outliers_s"] = round(time.time() - t0, 1)
+        log.print(f"{spec.label} + LayerNorm outliers x{s.outlier_scale:g}: FP32 {row['fp32_outliers'] * 100:.2f}%, "
+                  f"PTQ fixed {row['ptq_fixed_outliers'] * 100:.2f}%, PTQ searched {row['ptq_outliers'] * 100:.2f}%")
+
+    # 5. QAT from the fixed-parameter calibration (the I-ViT flow)
+    t0 = time.time()
+    qcfg = TrainConfig(epochs=s.qat_epochs, lr=s.qat_lr, weight_decay=0.0, batch_size=s.batch, label_smoothing=0.1,
+                       distill_alpha=0.5 if s.distill else 0.0, seed=0)
+    qck = run_dir / "qat" / CHECKPOINT_NAME
+    torch.manual_seed(2)
+    qtrainer = Trainer(fixed, _limit(train, s.qat_limit_train or s.limit_train), qcfg, eval_ds=None,
+                       teacher=fmodel if s.distill else None, out_dir=run_dir / "qat",
+                       identity={"model": spec.name, "arch": fixed.meta}, progress=progress,
+                       desc=f"{spec.label} QAT", title=f"{spec.label} QAT")
+    qtrainer.fit(resume=qck if qck.exists() else None)
+    fixed.eval()
+    times["qat_train_s"] = round(time.time() - t0, 1)
+    prog = ivit.freeze(fixed, name=spec.name)
+    prog.save(run_dir / "qat.ivit")
+    res = _int_eval(prog, fixed, test, s.batch, s.bitexact_images)
+    row["qat"], row["bitexact_qat"] = res["top1"], res["bitexact"]
+    row["bitexact_images"] = res["bitexact_images"]
+    row["test_images"] = res["n"]
+    row["integer_ops"] = res["ops"]
+    times["qat_total_s"] = round(time.time() - t0, 1)
+    log.print(f"{spec.label}: QAT top-1 {res['top1'] * 100:.2f}% bit-exact {res['bitexact']}")
+    row["times"] = times
+
+    # float training curve, then the integer model (PTQ at the last float epoch, QAT after it)
+    e = len(fhist)
+    curve = [{"epoch": r["epoch"], "float_top1": r["float_top1"]} for r in fhist]
+    curve.append({"epoch": e, "int_top1": row["ptq_fixed"]})
+    curve.append({"epoch": e + s.qat_epochs, "int_top1": row["qat"]})
+    plot_accuracy(curve, out / f"accuracy_{key}{'_quick' if s is QUICK else ''}.png",
+                  f"{spec.label} on Fashion-MNIST: float training, then PTQ and QAT")
+    return row
+
+
+def _all_exact(row: dict[str, Any]) -> bool:
+    """Every integer program of the row gave engine logits equal to the PyTorch integer model's."""
+    return all(v for k, v in row.items() if k.startswith("bitexact_") and k != "bitexact_images")
+
+
+def _markdown(rows: list[dict[str, Any]], cmd: str, meta: dict[str, Any]) -> str:
+    def pct(v: float) -> str:
+        return f"{100 * v:.2f}"
+
+    lines = [
+        f"Fashion-MNIST test set ({rows[0]['test_images']} images), top-1 %. Integer columns: the `.ivit` engine's "
+        "int32 logits. Bit-exact: engine logits `torch.equal` to the PyTorch integer model on the first "
+        f"{rows[0]['bitexact_images']} test images, for every integer program below.",
+        "",
+        "| model | params | FP32 | PTQ (fixed n, no clipping) | PTQ (per-layer search) | QAT | "
+        "PTQ - FP32 | QAT - FP32 | bit-exact |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for r in rows:
+        ok = _all_exact(r)
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {pct(r['fp32'])} | {pct(r['ptq_fixed'])} | "
+                     f"{pct(r['ptq'])} | {pct(r['qat'])} | {100 * (r['ptq'] - r['fp32']):+.2f} | "
+                     f"{100 * (r['qat'] - r['fp32']):+.2f} | {'yes' if ok else 'NO'} |")
+    if all("ptq_outliers" in r for r in rows):
+        lines += ["", "PTQ on the same float models with LayerNorm outlier channels (2 channels per LayerNorm "
+                  f"scaled x{meta['settings']['outlier_scale']:g}, the next layer's weights divided by the same: "
+                  "the float function is unchanged; this mimics the post-LayerNorm outliers of pretrained "
+                  "DeiT-B/ViT-B):", "",
+                  "| model | FP32 | PTQ (fixed parameters) | PTQ (per-layer search) | bit-exact |",
+                  "|---|---:|---:|---:|:---:|"]
+        for r in rows:
+            ok = r["bitexact_ptq_fixed_outliers"] and r["bitexact_ptq_outliers"]
+            lines.append(f"| {r['model']} | {pct(r['fp32_outliers'])} | {pct(r['ptq_fixed_outliers'])} | "
+                         f"{pct(r['ptq_outliers'])} | {'yes' if ok else 'NO'} |")
+    lines += ["", "PTQ search: " + "; ".join(f"{r['model']}: {r['search']}" for r in rows)]
+    lines += ["", "Models:"] + [f"- {r['description']}" for r in rows]
+    lines += ["", f"Command: `{cmd}`", "",
+              f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads; "
+              f"total {meta['total_s'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small smoke run (subsets, few epochs)")
+    p.add_argument("--models", default="vit,swin", help="comma list of: " + ",".join(MODELS))
+    p.add_argument("--out", default=str(RESULTS), help="results folder")
+    p.add_argument("--float-epochs", type=int, default=None)
+    p.add_argument("--qat-epochs", type=int, default=None)
+    p.add_argument("--qat-lr", type=float, default=None)
+    p.add_argument("--distill", action="store_true", help="QAT with distillation from the float model")
+    p.add_argument("--bitexact-images", type=int, default=None, help="0: the whole test set")
+    p.add_argument("--outlier-scale", type=float, default=None, help="LayerNorm outlier demo scale (<= 1: skip)")
+    p.add_argument("--limit-train", type=int, default=None, help="train on the first N images (0: all)")
+    p.add_argument("--limit-test", type=int, default=None, help="test on the first N images (0: all)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    s = copy.deepcopy(QUICK if a.quick else FULL)
+    for k in ("float_epochs", "qat_epochs", "qat_lr", "bitexact_images", "outlier_scale", "limit_train", "limit_test"):
+        if getattr(a, k) is not None:
+            setattr(s, k, getattr(a, k))
+    s.distill = s.distill or a.distill
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    keys = [k.strip() for k in a.models.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in MODELS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.quick:
+        out = out / "quick"
+        out.mkdir(exist_ok=True)
+    con = Console(stderr=True)
+    t0 = time.time()
+    rows = [run_model(k, s, out, not a.no_progress, con) for k in keys]
+    meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "total_s": round(time.time() - t0, 1), "settings": s.__dict__,
+            "python": sys.version.split()[0]}
+    cmd = "python benchmarks/accuracy.py" + (" " + " ".join(sys.argv[1:]) if len(sys.argv) > 1 else "")
+    suffix = "_quick" if a.quick else ""
+    res_dir = Path(a.out)
+    write_text_atomic(res_dir / f"accuracy{suffix}.json", json.dumps({"rows": rows, "meta": meta, "command": cmd},
+                                                                     indent=1) + "\n")
+    md = _markdown(rows, cmd, meta)
+    write_text_atomic(res_dir / f"accuracy{suffix}.md", md)
+
+    t = Table(title=f"Fashion-MNIST top-1 (%), {rows[0]['test_images']} test images")
+    for c in ("model", "FP32", "PTQ fixed", "PTQ search", "QAT", "bit-exact"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        ok = _all_exact(r)
+        cells = (f"{100 * r[k]:.2f}" for k in ("fp32", "ptq_fixed", "ptq", "qat"))
+        t.add_row(r["model"], *cells, "yes" if ok else "NO")
+    Console().print(t)
+    print(f"wrote {res_dir / f'accuracy{suffix}.md'} and .json ({meta['total_s'] / 60:.1f} min)")
+    return 0 if all(_all_exact(r) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
