@@ -10,6 +10,10 @@ import torch
 import ivit
 from ivit.models.base import QModel
 
+# Many small integer ops: one thread is faster and steadier than two on a busy 2-core machine.
+# (test_kernels.py runs the C kernels with two threads explicitly.)
+torch.set_num_threads(1)
+
 
 def random_pixels(batch: int, size: int | tuple[int, int], seed: int = 0, chans: int = 3) -> torch.Tensor:
     """uint8 images with some spatial structure (smooth blobs + noise), so ranges are realistic."""

@@ -195,3 +195,25 @@ def test_fused_attention(b: int, h: int, n_tok: int, d: int, with_bias_mask: boo
                              mask=None if mask is None else mask.to(torch.uint8))
     assert got.shape == want.shape
     assert torch.equal(got, want)
+
+
+@needs_c
+def test_kernels_with_two_threads() -> None:
+    """OpenMP-parallel C kernels give the same integers with two threads as the reference."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = _randint(-(2**24), 2**24, (4, 37, 96), torch.int32, 27)
+        m, s = _consts(96, 28)
+        assert torch.equal(kernels.requantize_fast(x, m, s, 8), ops.requantize(x, m, s, 8))
+        qkv = _randint(-128, 128, (4, 37, 3, 3, 32), torch.int8, 29)
+        q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+        mm, ss = ops.dyadic(torch.tensor(3e-3, dtype=torch.float64))
+        x0 = ops.shift_exp_x0(0.004)
+        n = ops.choose_shiftmax_n(x0, 37)
+        want = _attention_reference(q, k, v, int(mm), int(ss), x0, n)
+        got = kernels._attention(q, k, v, s_mult=int(mm), s_shift=int(ss), s_bits=16, x0=x0, n=n, bias=None,
+                                 mask=None)
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(old)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from .engine import Engine, verify_integer_only
 from .errors import IvitError
 from .freeze import freeze
 from .program import load_program
+from .runlog import write_text_atomic
 from .train import FloatWrapper, TrainConfig, evaluate, predict_int, train
 
 __all__ = ["DEMO_MODELS", "run_demo", "write_json_atomic"]
@@ -36,15 +36,7 @@ DEMO_MODELS: dict[str, tuple[str, int, int, float, int, float]] = {
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON through a temporary file and a rename (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def run_demo(kind: str = "vit", out_dir: str | os.PathLike[str] = "ivit-demo", epochs: int | None = None,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import IvitError
+from .runlog import publish
 
 __all__ = ["Node", "Program", "OPS", "FORMAT_VERSION", "save_program", "load_program", "check_program"]
 
@@ -187,9 +188,7 @@ def save_program(prog: Program, path: str | os.PathLike[str]) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
