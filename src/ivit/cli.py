@@ -57,6 +57,8 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     out = Path(a.output)
     if not out.parent.exists():
         raise IvitError(f"output folder does not exist: {out.parent}")
+    if a.qat_epochs > 0 and a.data == "random":  # fail before the (slow) model creation and calibration
+        raise IvitError("QAT needs real data: pass --data")
     kwargs = {}
     if a.img_size:
         kwargs["img_size"] = a.img_size
@@ -67,8 +69,6 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     batches = _calibration_batches(a.data, img, a.batch, a.calib_batches, a.seed)
     api.calibrate(qmodel, batches, progress=True)
     if a.qat_epochs > 0:
-        if a.data == "random":
-            raise IvitError("QAT needs real data: pass --data")
         ds = data.build_dataset(a.data, "train", img)
         ds.transform = data.train_augment(img, flip=a.data not in ("digits", "fashion-mnist"))
         train(qmodel, data.make_loader(ds, a.batch, shuffle=True, seed=a.seed),
@@ -277,9 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        for name in ("batch", "iters", "calib_batches"):
+        for name in ("batch", "iters", "calib_batches", "img_size", "num_classes"):
             if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
                 raise IvitError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("limit", "threads", "qat_epochs", "epochs"):
+            if getattr(args, name, 0) is not None and getattr(args, name, 0) < 0:
+                raise IvitError(f"--{name.replace('_', '-')} must be >= 0")
         return int(args.fn(args))
     except IvitError as e:
         print(f"ivit: error: {e}", file=sys.stderr)

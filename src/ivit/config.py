@@ -38,6 +38,12 @@ class QuantConfig:
     per_channel_weights: bool = True
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # JSON gives any type: reject 16.5 bits or a string momentum up front
+            v = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            want = {"float": (int, float), "bool": (bool,)}.get(kind, (int,))
+            if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
+                raise IvitError(f"QuantConfig.{f.name} must be {kind}, got {v!r}")
         if self.act_bits != 8 or self.softmax_bits != 8:
             raise IvitError("act_bits and softmax_bits must be 8 (int8 GEMM inputs)")
         if not 9 <= self.residual_bits <= 24:

@@ -240,6 +240,9 @@ def verify_integer_only(engine: Engine, batch: int = 1) -> IntegerCheck:
         dtypes[f"{i}:{prog.nodes[i].op}"] = str(out.dtype)
 
     rec = _AtenRecorder()
-    with rec:
-        engine.run(pixels, trace=trace)
+    try:
+        with rec:
+            engine.run(pixels, trace=trace)
+    except (TypeError, RuntimeError, ValueError) as e:  # e.g. an integer kernel handed a float tensor
+        problems.append(f"running the program failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return IntegerCheck(problems, rec.ops, rec.float_ops, dtypes)

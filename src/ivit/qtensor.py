@@ -51,4 +51,5 @@ class QTensor:
 def carry(surrogate: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """STE carrier: forward value ``scale * q`` (exact integer result), gradient of ``surrogate``."""
     exact = q.to(surrogate.dtype) * scale.to(surrogate.dtype)
-    return surrogate + (exact - surrogate).detach()
+    # exact + (s - s) is exactly ``exact`` in floating point; s + (exact - s) is not when |s| >> |exact|
+    return exact + (surrogate - surrogate.detach())
