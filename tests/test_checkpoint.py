@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,6 @@ from ivit.checkpoint import (
 )
 from ivit.errors import IvitError
 from ivit.train import CHECKPOINT_NAME, FloatWrapper, TrainConfig, Trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread is fastest, and on a busy shared machine several threads spin-wait badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_save_load_roundtrip_is_atomic_and_pickle_free(tmp_path: Path) -> None:

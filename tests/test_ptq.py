@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from ivit.errors import IvitError
 from ivit.layers import QShiftGELU, QShiftmax, RangeObserver
 from ivit.ptq import balance_layernorms, ptq, reset_observers, search
 from ivit.train import CHECKPOINT_NAME, FloatWrapper, TrainConfig, Trainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one thread is fastest, and on a busy shared machine several threads spin-wait badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batches(n: int = 2, size: int = 32) -> list[torch.Tensor]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import IvitError
-from .runlog import publish
+from .runlog import atomic_path
 
 __all__ = [
     "FORMAT",
@@ -98,14 +97,8 @@ def save_checkpoint(path: str | os.PathLike[str], tensors: dict[str, Tensor], me
         storages.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
         flat[k] = t
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "meta": json.dumps(meta)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(flat, tmp, metadata=metadata)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     _fsync_dir(path.parent)
     return path
 

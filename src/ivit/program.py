@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import IvitError
-from .runlog import publish
+from .runlog import atomic_path
 
 __all__ = ["Node", "Program", "OPS", "FORMAT_VERSION", "save_program", "load_program", "check_program"]
 
@@ -184,14 +183,8 @@ def save_program(prog: Program, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise IvitError(f"output folder does not exist: {path.parent}")
-    fd, tmp = tempfile.mkstemp(prefix=".ivit-", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
     return path
 
 

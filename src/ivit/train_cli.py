@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import warnings
@@ -217,20 +216,12 @@ def _train_config(a: argparse.Namespace) -> Any:
 
 def _save_state_dict(model: nn.Module, path: Path, meta: dict[str, str]) -> None:
     """A timm state dict as safetensors, written atomically."""
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from .runlog import publish
+    from .runlog import atomic_path
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _int_device_ok(qmodel: nn.Module, x: Tensor, device: torch.device) -> bool:
