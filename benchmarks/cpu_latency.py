@@ -27,6 +27,7 @@ import importlib
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -638,6 +639,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def _in_directory(path: str) -> Iterator[None]:
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the process exit code."""
     args = parse_args(argv)
@@ -659,8 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(f"cpu: {meta['cpu']}  threads: {args.threads}  versions: {meta['versions']}")
 
     rows: list[Row] = []
+    # ONNX Runtime's quantization tools drop temporary files into the working directory: run in a scratch one
+    args.json = args.json.resolve() if args.json else None
+    args.png = args.png.resolve() if args.png else None
     with (
         tempfile.TemporaryDirectory(prefix="ivit_cpu_bench_") as tmp,
+        _in_directory(tmp),
         Progress(
             TextColumn("{task.description}"),
             BarColumn(),
