@@ -7,6 +7,7 @@ with code 2; no traceback, no partial output file.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,14 +40,7 @@ def _calibration_batches(name: str, img: int, batch: int, n: int, seed: int) -> 
     from . import data
 
     ds = data.build_dataset(name, "train", img)
-    return list(_take(data.make_loader(ds, batch, shuffle=True, seed=seed), n))
-
-
-def _take(it, n: int):  # noqa: ANN001, ANN202
-    for i, x in enumerate(it):
-        if i >= n:
-            return
-        yield x
+    return list(itertools.islice(data.make_loader(ds, batch, shuffle=True, seed=seed), n))
 
 
 def _cmd_quantize(a: argparse.Namespace) -> int:
@@ -96,7 +90,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if n_cls > engine.num_classes:
         raise IvitError(f"dataset has {n_cls} classes but the model predicts {engine.num_classes}")
     loader = data.make_loader(ds, a.batch, shuffle=False)
-    batches = _take(loader, a.limit) if a.limit else loader
+    batches = itertools.islice(loader, a.limit) if a.limit else loader
     res = evaluate(engine, batches, progress=True)
     t = Table(title=f"{Path(a.file).name} on {a.data} ({a.split})")
     for col in ("images", "top-1", "top-5"):

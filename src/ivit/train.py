@@ -177,11 +177,6 @@ def predict_int(qmodel: QModel) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-def loader(ds: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Resumable, distributed training runs
 
