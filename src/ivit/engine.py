@@ -222,7 +222,12 @@ class IntegerCheck:
 def verify_integer_only(engine: Engine, batch: int = 1) -> IntegerCheck:
     """Prove the program is integer-only: every constant and node output has an integer dtype, every
     attribute is an integer, and running it executes no aten op that touches a floating-point tensor
-    (recorded with a ``TorchDispatchMode`` over the whole run)."""
+    (recorded with a ``TorchDispatchMode`` over the whole run).
+
+    The run uses the reference backend (every op through aten, so the recorder sees all of them);
+    the fast backend's C kernels are tested bit-exact against it and use integer types only."""
+    if engine.backend != "reference":
+        engine = Engine(engine.program, backend="reference", device=engine.device)
     prog = engine.program
     problems = [f"constant {k} is {v.dtype}" for k, v in prog.consts.items()
                 if v.is_floating_point() or v.is_complex()]
