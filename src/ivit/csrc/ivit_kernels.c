@@ -185,38 +185,46 @@ static inline int64_t shift_exp(int64_t x, int64_t x0, int64_t n, uint64_t inv) 
 
 #define DIV_NUM 4611686018427387903LL /* 2^62 - 1 */
 
+/* Shiftmax of one row (ops.shiftmax): e holds the N input values on entry and is scratch after.
+ * Masked positions (mr[j] != 0) are left out of the max and get probability 0.  Written as simple
+ * separate loops so that each one vectorizes. */
+static inline void shiftmax_row(int64_t *restrict e, int8_t *restrict p, int64_t N, int64_t x0, int64_t n,
+                                uint64_t inv, int64_t k_out, const uint8_t *restrict mr) {
+    if (mr)
+        for (int64_t j = 0; j < N; j++) e[j] = mr[j] ? -((int64_t)1 << 40) : e[j];
+    int64_t mx = INT64_MIN;
+    for (int64_t j = 0; j < N; j++) mx = e[j] > mx ? e[j] : mx;
+    for (int64_t j = 0; j < N; j++) {
+        int64_t d = e[j] - mx;
+        d = d > 0 ? 0 : d;
+        e[j] = shift_exp(d, x0, n, inv);
+    }
+    if (mr)
+        for (int64_t j = 0; j < N; j++) e[j] = mr[j] ? 0 : e[j];
+    int64_t sum = 0;
+    for (int64_t j = 0; j < N; j++) sum += e[j];
+    const int64_t factor = DIV_NUM / (sum < 1 ? 1 : sum);
+    const int64_t sh = 63 - k_out, half = (int64_t)1 << (sh - 1), qm = ((int64_t)1 << (k_out - 1)) - 1;
+    for (int64_t j = 0; j < N; j++) {
+        int64_t v = (e[j] * factor + half) >> sh;
+        p[j] = (int8_t)(v > qm ? qm : v);
+    }
+}
+
 /* Shiftmax over rows of N (ops.shiftmax); optional mask (uint8, (nW, N, N)), where row r of the
  * (B*nW, H, N, N) score tensor uses mask[(r / (H*N)) % nW][r % N][:]. Scratch: N int64 per thread. */
 #define DEF_SHIFTMAX(NAME, TIN)                                                                    \
     void NAME(const TIN *x, int8_t *out, int64_t rows, int64_t N, int64_t x0, int64_t n,           \
               int64_t k_out, const uint8_t *mask, int64_t n_win, int64_t heads, int nt) {           \
         const uint64_t inv = ((uint64_t)1 << 58) / (uint64_t)(-x0) + 1;                             \
-        const int64_t sh = 63 - k_out, half = (int64_t)1 << (sh - 1), qm = ((int64_t)1 << (k_out - 1)) - 1; \
         _Pragma("omp parallel") {                                                                  \
             int64_t e[4096];                                                                       \
             _Pragma("omp for schedule(static)") for (int64_t r = 0; r < rows; r++) {               \
-                const TIN *restrict xr = x + r * N;                                                         \
-                int8_t *restrict o = out + r * N;                                                           \
+                const TIN *restrict xr = x + r * N;                                                \
                 const uint8_t *mr = 0;                                                             \
                 if (mask) mr = mask + (((r / (heads * N)) % n_win) * N + (r % N)) * N;             \
-                int64_t mx = INT64_MIN;                                                            \
-                for (int64_t j = 0; j < N; j++) {                                                  \
-                    int64_t v = (mr && mr[j]) ? -((int64_t)1 << 40) : (int64_t)xr[j];              \
-                    if (v > mx) mx = v;                                                            \
-                }                                                                                  \
-                int64_t sum = 0;                                                                   \
-                for (int64_t j = 0; j < N; j++) {                                                  \
-                    if (mr && mr[j]) { e[j] = 0; continue; }                                       \
-                    int64_t d = (int64_t)xr[j] - mx;                                               \
-                    if (d > 0) d = 0;                                                              \
-                    e[j] = shift_exp(d, x0, n, inv);                                                    \
-                    sum += e[j];                                                                   \
-                }                                                                                  \
-                int64_t factor = DIV_NUM / (sum < 1 ? 1 : sum);                                    \
-                for (int64_t j = 0; j < N; j++) {                                                  \
-                    int64_t v = (e[j] * factor + half) >> sh;                                      \
-                    o[j] = (int8_t)(v > qm ? qm : v);                                              \
-                }                                                                                  \
+                for (int64_t j = 0; j < N; j++) e[j] = xr[j];                                      \
+                shiftmax_row(e, out + r * N, N, x0, n, inv, k_out, mr);                            \
             }                                                                                      \
         }                                                                                          \
         (void)nt;                                                                                  \
@@ -300,29 +308,10 @@ int ivit_has_vnni(void) { return IVIT_VNNI; }
 static inline void softmax_row(const int32_t *restrict s, int8_t *restrict p, int64_t N, int64_t m, int64_t sh,
                                int64_t sq, int64_t x0, int64_t n, uint64_t inv, const uint8_t *restrict mr,
                                int64_t *restrict e) {
-    /* requantize to the score width (sq = its qmax), then Shiftmax exactly as shiftmax_i16;
-     * written as separate simple loops so that each one vectorizes */
+    /* requantize to the score width (sq = its qmax), then the same Shiftmax as shiftmax_i16 */
     const int64_t half = (int64_t)1 << (sh - 1);
     for (int64_t j = 0; j < N; j++) e[j] = clamp64(((int64_t)s[j] * m + half) >> sh, -sq, sq);
-    if (mr)
-        for (int64_t j = 0; j < N; j++) e[j] = mr[j] ? -((int64_t)1 << 40) : e[j];
-    int64_t mx = INT64_MIN;
-    for (int64_t j = 0; j < N; j++) mx = e[j] > mx ? e[j] : mx;
-    int64_t sum = 0;
-    for (int64_t j = 0; j < N; j++) {
-        int64_t d = e[j] - mx;
-        d = d > 0 ? 0 : d;
-        e[j] = shift_exp(d, x0, n, inv);
-    }
-    if (mr)
-        for (int64_t j = 0; j < N; j++) e[j] = mr[j] ? 0 : e[j];
-    for (int64_t j = 0; j < N; j++) sum += e[j];
-    const int64_t factor = DIV_NUM / (sum < 1 ? 1 : sum);
-    const int64_t osh = 63 - 8, ohalf = (int64_t)1 << (osh - 1);
-    for (int64_t j = 0; j < N; j++) {
-        int64_t v = (e[j] * factor + ohalf) >> osh;
-        p[j] = (int8_t)(v > 127 ? 127 : v);
-    }
+    shiftmax_row(e, p, N, x0, n, inv, 8, mr);
 }
 
 int attention_i8(const int8_t *q, const int8_t *k, const int8_t *v, int32_t *ctx, int64_t B, int64_t H,
