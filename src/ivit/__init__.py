@@ -4,34 +4,41 @@ Public API::
 
     model = ivit.create_model("deit_small_patch16_224")       # float timm model
     qmodel = ivit.quantize(model, ivit.QuantConfig())          # integer I-ViT model (trainable, STE)
-    ivit.calibrate(qmodel, batches)                            # PTQ ranges (or train it: QAT)
-    program = ivit.freeze(qmodel)                              # immutable integer program
+    ivit.calibrate(qmodel, batches)                            # PTQ ranges (or ivit.ptq: with the search)
+    program = ivit.freeze(qmodel)                              # immutable integer program (traced forward)
     program.save("model.ivit"); engine = ivit.load("model.ivit")
     logits = engine(uint8_images)                              # int32 logits
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .api import calibrate, create_model, freeze_ranges, list_models, quantize
-from .config import QuantConfig
-from .engine import Engine, load, verify_integer_only
+from .backends import Engine, load
+from .config import LayerNormImpl, Probs, QuantConfig
 from .errors import IvitError
-from .freeze import freeze
-from .program import Program, load_program, save_program
+from .ir import Limits, Program, ProgramError, load_program, save_program
+from .models import create_model, list_models
 from .qtensor import QTensor
+from .quant import calibrate, freeze, freeze_ranges, quantize
+from .quant.ptq import ptq
+from .verify import IntegerProof, verify_integer_only
 
 __all__ = [
     "__version__",
     "QuantConfig",
+    "Probs",
+    "LayerNormImpl",
     "QTensor",
     "IvitError",
+    "ProgramError",
+    "Limits",
     "create_model",
+    "list_models",
     "quantize",
     "calibrate",
+    "ptq",
     "freeze_ranges",
-    "list_models",
     "freeze",
     "Program",
     "save_program",
@@ -39,4 +46,5 @@ __all__ = [
     "Engine",
     "load",
     "verify_integer_only",
+    "IntegerProof",
 ]

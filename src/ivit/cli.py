@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import print_report, run_demo
+    from .workflows.demo import print_report, run_demo
 
     report = run_demo(a.model, a.out, epochs=a.epochs, qat_epochs=a.qat_epochs, batch=a.batch, seed=a.seed)
     print_report(report)
@@ -44,9 +44,9 @@ def _calibration_batches(name: str, img: int, batch: int, n: int, seed: int) -> 
 
 
 def _cmd_quantize(a: argparse.Namespace) -> int:
-    from . import api, data
-    from .freeze import freeze
-    from .train import TrainConfig, train
+    from . import data, models, quant
+    from .quant import freeze
+    from .training.trainer import TrainConfig, train
 
     out = Path(a.output)
     if not out.parent.exists():
@@ -56,12 +56,12 @@ def _cmd_quantize(a: argparse.Namespace) -> int:
     kwargs = {}
     if a.img_size:
         kwargs["img_size"] = a.img_size
-    model = api.create_model(a.model, pretrained=a.pretrained, checkpoint=a.checkpoint,
-                             num_classes=a.num_classes, **kwargs)
-    qmodel = api.quantize(model)
+    model = models.create_model(a.model, pretrained=a.pretrained, checkpoint=a.checkpoint,
+                                num_classes=a.num_classes, **kwargs)
+    qmodel = quant.quantize(model)
     img = qmodel.img_size[0]
     batches = _calibration_batches(a.data, img, a.batch, a.calib_batches, a.seed)
-    api.calibrate(qmodel, batches, progress=True)
+    quant.calibrate(qmodel, batches, progress=True)
     if a.qat_epochs > 0:
         ds = data.build_dataset(a.data, "train", img)
         ds.transform = data.train_augment(img, flip=a.data not in ("digits", "fashion-mnist"))
@@ -78,8 +78,8 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from rich.table import Table
 
     from . import data
-    from .engine import load
-    from .train import evaluate
+    from .backends import load
+    from .training.trainer import evaluate
 
     engine = load(a.file, backend=a.backend)
     c, h, w = engine.program.input_shape
@@ -106,29 +106,27 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .engine import Engine, verify_integer_only
-    from .program import load_program
+    from .backends import Engine
+    from .ir.program import Limits, load_program
+    from .ir.validate import validate
+    from .verify import verify_integer_only
 
-    prog = load_program(a.file)
-    engine = Engine(prog, backend="reference")
-    shapes: dict[int, tuple[str, tuple[int, ...]]] = {}
+    limits = Limits().with_overrides(a.limit)
+    prog = load_program(a.file, limits)
+    types = validate(prog, limits).types
+    engine = Engine(prog, backend=a.backend, limits=limits)
     check = verify_integer_only(engine)
     c, h, w = prog.input_shape
-    import torch
-
-    engine.run(torch.zeros(1, c, h, w, dtype=torch.uint8),
-               trace=lambda i, o: shapes.__setitem__(i, (str(o.dtype).replace("torch.", ""), tuple(o.shape))))
     con = Console()
     meta = prog.meta
-    con.print(f"[bold]{a.file}[/bold]: {meta.get('model')} ({meta.get('family')}), input uint8 "
-              f"(B, {c}, {h}, {w}) -> int32 logits (B, {meta.get('num_classes')})")
+    con.print(f"[bold]{a.file}[/bold]: {meta.get('model')} ({meta.get('family')}), format {prog.format_version}, "
+              f"input uint8 (B, {c}, {h}, {w}) -> {types[prog.output].describe()}")
     if a.ops:
-        t = Table(title="program (shapes for batch 1)")
-        for col in ("#", "op", "inputs", "output dtype", "shape", "attrs"):
+        t = Table(title="program (B = batch)")
+        for col in ("#", "op", "inputs", "output", "attrs"):
             t.add_column(col)
         for i, node in enumerate(prog.nodes):
-            dt, sh = shapes[i]
-            t.add_row(str(i), node.op, ",".join(node.inputs), dt, str(list(sh)),
+            t.add_row(str(i), node.op, ",".join(node.inputs), types[node.output].describe(),
                       " ".join(f"{k}={v}" for k, v in node.attrs.items()))
         con.print(t)
     counts = Counter(n.op for n in prog.nodes)
@@ -137,13 +135,15 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     t.add_column("count", justify="right")
     t.add_column("output dtypes")
     for op, n in sorted(counts.items(), key=lambda kv: -kv[1]):
-        dts = sorted({shapes[i][0] for i, nd in enumerate(prog.nodes) if nd.op == op})
+        dts = sorted({types[nd.output].describe().split("(")[0] for nd in prog.nodes if nd.op == op})
         t.add_row(op, str(n), ",".join(dts))
     con.print(t)
     dtypes = Counter(str(v.dtype).replace("torch.", "") for v in prog.consts.values())
     con.print(f"nodes: {len(prog.nodes)}   constants: {len(prog.consts)} tensors, {prog.num_parameters():,} values, "
               f"{prog.nbytes() / 1e6:.2f} MB ({', '.join(f'{k}: {v}' for k, v in sorted(dtypes.items()))})")
-    con.print(check.summary())
+    con.print(f"backend {engine.backend}: {len(engine.executed.nodes)} steps after its passes "
+              f"({', '.join(engine.backend_def.passes) or 'none'})")
+    con.print(check.summary(), highlight=False)
     return 0 if check.ok else 1
 
 
@@ -152,10 +152,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from . import api
+    from . import models as api
+    from .backends import load
     from .bench import median_ms
-    from .engine import load
-    from .train import FloatWrapper
+    from .training.trainer import FloatWrapper
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -196,7 +196,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
-    from .api import list_models
+    from .models import list_models
 
     for n in list_models():
         if a.filter in n:
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="ops, dtypes, shapes, size and the integer-only verdict of a .ivit file")
     i.add_argument("file")
     i.add_argument("--ops", action="store_true", help="list every op")
+    i.add_argument("--backend", default=None, help="backend to prove (default: the engine's default, cpu)")
+    i.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="raise a resource limit (see ivit.Limits), e.g. max_const_bytes=8e9")
     i.set_defaults(fn=_cmd_inspect)
 
     b = sub.add_parser("bench", help="median latency: integer engine vs the float model, side by side")
@@ -260,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=_cmd_models)
 
     try:
-        from .train_cli import add_train_commands
+        from .workflows.runs import add_train_commands
     except ImportError:
         pass
     else:

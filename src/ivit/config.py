@@ -4,10 +4,32 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from enum import Enum
 
 from .errors import IvitError
 
-__all__ = ["QuantConfig"]
+__all__ = ["QuantConfig", "Probs", "LayerNormImpl"]
+
+
+class Probs(str, Enum):
+    """How attention probabilities are represented and consumed.
+
+    ``REL8``: ``shiftmax_rel`` probabilities relative to the row maximum (uint8 ``[0, 255]``), ``p @ v``
+    as a u8 x s8 GEMM, then ``attn_normalize`` divides by the row sum (precise at any sequence length).
+    ``SHIFTMAX8``: the I-ViT paper's Shiftmax, absolute probabilities in ``[0, 127]`` at ``2**-7`` (loses
+    most of a flat row beyond ~50 tokens; kept for comparison and for older programs).
+    """
+
+    REL8 = "rel8"
+    SHIFTMAX8 = "shiftmax8"
+
+
+class LayerNormImpl(str, Enum):
+    """``INT32``: ``ops.ilayernorm32`` (32-bit intermediates, exportable to TOSA and microcontrollers);
+    ``INT64``: ``ops.ilayernorm``, the original with a 64-bit variance."""
+
+    INT32 = "int32"
+    INT64 = "int64"
 
 
 @dataclass(frozen=True)
@@ -25,6 +47,9 @@ class QuantConfig:
         momentum: EMA momentum of the running min/max observers.
         per_channel_weights: per-output-channel int8 weight scales (the classifier head is always
             per-tensor, so that argmax of its int32 logits is the prediction).
+        probs: attention probabilities (``Probs``); the default ``rel8`` keeps 8 bits relative to each
+            row's maximum (measured in ``tests/test_ops.py`` and ``benchmarks/accuracy.py``).
+        layernorm: I-LayerNorm arithmetic (``LayerNormImpl``).
     """
 
     act_bits: int = 8
@@ -36,18 +61,29 @@ class QuantConfig:
     shiftgelu_n_max: int = 23
     momentum: float = 0.95
     per_channel_weights: bool = True
+    probs: Probs = Probs.REL8
+    layernorm: LayerNormImpl = LayerNormImpl.INT32
 
     def __post_init__(self) -> None:
+        for name, enum in (("probs", Probs), ("layernorm", LayerNormImpl)):
+            v = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum(v))
+            except (ValueError, TypeError):
+                choices = ", ".join(e.value for e in enum)
+                raise IvitError(f"QuantConfig.{name} must be one of {choices}, got {v!r}") from None
         for f in fields(self):  # JSON gives any type: reject 16.5 bits or a string momentum up front
             v = getattr(self, f.name)
             kind = f.type if isinstance(f.type, str) else f.type.__name__
+            if kind in ("Probs", "LayerNormImpl"):
+                continue
             want = {"float": (int, float), "bool": (bool,)}.get(kind, (int,))
             if not isinstance(v, want) or (isinstance(v, bool) and bool not in want):
                 raise IvitError(f"QuantConfig.{f.name} must be {kind}, got {v!r}")
         if self.act_bits != 8 or self.softmax_bits != 8:
             raise IvitError("act_bits and softmax_bits must be 8 (int8 GEMM inputs)")
-        if not 9 <= self.residual_bits <= 24:
-            raise IvitError("residual_bits must be in [9, 24]")
+        if not 9 <= self.residual_bits <= 16:
+            raise IvitError("residual_bits must be in [9, 16] (I-LayerNorm reads int16)")
         if not 9 <= self.score_bits <= 24:
             raise IvitError("score_bits must be in [9, 24]")
         if not 8 <= self.gelu_sigmoid_bits <= 16:
@@ -58,7 +94,9 @@ class QuantConfig:
             raise IvitError("momentum must be in [0, 1)")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        d["probs"], d["layernorm"] = self.probs.value, self.layernorm.value
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:

@@ -31,8 +31,11 @@ __all__ = [
     "shift_exp",
     "shiftmax",
     "shiftgelu",
+    "shiftmax_rel",
+    "attn_normalize",
     "isqrt",
     "ilayernorm",
+    "ilayernorm32",
     "int_mean",
     "patchify",
     "embed_tokens",
@@ -44,6 +47,8 @@ __all__ = [
     "LN_Z_BITS",
     "DIV_NUM",
     "SUM_BITS",
+    "REL_BITS",
+    "CTX_FRAC_BITS",
 ]
 
 INT32_MAX = 2**31 - 1
@@ -147,15 +152,16 @@ def int_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def int_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
-    """Batched int8 x int8 -> int32 matrix product ``a @ b`` (or ``a @ b^T``).
+    """Batched int8 (or uint8) x int8 -> int32 matrix product ``a @ b`` (or ``a @ b^T``).
 
     Args:
-        a: int8 ``(..., M, K)``.
+        a: int8 or uint8 ``(..., M, K)`` (uint8: ``shiftmax_rel`` probabilities).
         b: int8 ``(..., K, N)``, or ``(..., N, K)`` when ``transpose_b``.
 
-    Exact for ``K <= 2**17``.  Returns int32 ``(..., M, N)``.
+    Exact for ``K <= 2**16`` (``|acc| <= K * 255 * 128 < 2**31``).  Returns int32 ``(..., M, N)``.
     """
-    _check_int8(a, "a")
+    if a.dtype != torch.uint8:
+        _check_int8(a, "a")
     _check_int8(b, "b")
     b64 = b.to(torch.int64)
     if transpose_b:
@@ -254,6 +260,78 @@ def shiftgelu(x: Tensor, x0: int, n: int, k_out: int = 16) -> Tensor:
     return (xi * sig).to(torch.int32)
 
 
+#: Shiftmax-rel output: probabilities relative to the row maximum, unsigned 8-bit ``[0, 255]``.
+REL_BITS = 8
+#: ``attn_normalize`` output: the weighted mean of ``v`` with this many fractional bits.
+CTX_FRAC_BITS = 16
+_REL_MULT_SHIFT = 22  # p = round_shift(e' * M, 22 + q) with M = floor(255 * 2**22 / |x0|)
+_REL_QMAX = 9  # 255 * 2**-9 < 1/2: exponents below -9 (in units of log2) always give p = 0
+_NORM_NUM_BITS = 30  # R = floor(2**30 / P)
+
+
+def shiftmax_rel(x: Tensor, x0: int, mask: Tensor | None = None) -> Tensor:
+    """Shiftmax-rel: ShiftExp probabilities relative to the row maximum, unsigned 8-bit.
+
+    For each row of scores ``I`` (scale ``S``, ``x0 = floor(-1/S) <= -1``) over the last dimension:
+
+    1. ``d = I - max(I)`` (max over unmasked positions; ``d <= 0``), in int32;
+    2. ``I_p = max(d + (d >> 1) - (d >> 4), 9 * x0)``       (``log2 e ~= 1.0111b``);
+    3. ``q = floor(I_p / x0)`` (in ``[0, 9]``), ``r = I_p - q * x0`` (in ``(x0, 0]``);
+    4. ``e' = (r >> 1) - x0``                               (``2**(S*r) ~= S*r/2 + 1``, times ``|x0|``);
+    5. ``p = min(round_shift(e' * M, 22 + q), 255)`` with ``M = floor(255 * 2**22 / |x0|)``.
+
+    So ``p ~= 255 * exp(S * d)``: the row maximum gets 255 (254 for ``|x0| >= 2**21``) and every other
+    position its probability *relative to the maximum*, with 8 bits wherever it matters (the old
+    Shiftmax's absolute ``[0, 127]`` scale leaves most of a flat 197-token row at 0 or 1).  Masked
+    positions get 0.  The absolute scale cancels in ``attn_normalize``, which divides by ``sum(p)``.
+
+    Bounds (every intermediate fits int32): ``|I| < 2**24`` gives ``|d| < 2**25`` and
+    ``|I_p| < 2**26``; ``|x0| <= 2**27`` keeps ``9 * x0`` in int32; ``e' * M <= 255 * 2**22 < 2**30``;
+    shifts are at most 31.  Rounding: floor for ``>>`` and the division, half up for ``round_shift``.
+
+    Args:
+        x: int8/int16/int32 scores ``(..., N)``.
+        mask: bool, broadcastable to ``x``; True = masked.
+    Returns uint8 ``(..., N)``.
+    """
+    if x0 > -1:
+        raise ValueError(f"x0 must be <= -1, got {x0}")
+    xi = _i64(x)
+    if mask is not None:
+        xi = xi.masked_fill(mask, -(2**31) + 1)
+    d = (xi - xi.amax(dim=-1, keepdim=True)).clamp_(max=0)
+    xp = torch.clamp(d + (d >> 1) - (d >> 4), min=_REL_QMAX * x0)
+    q = torch.div(xp, x0, rounding_mode="floor")
+    r = xp - q * x0
+    e = (r >> 1) - x0
+    m = (255 << _REL_MULT_SHIFT) // (-x0)
+    p = round_shift(e * m, q + _REL_MULT_SHIFT).clamp_(max=255)
+    if mask is not None:
+        p = p.masked_fill(mask, 0)
+    return p.to(torch.uint8)
+
+
+def attn_normalize(acc: Tensor, p: Tensor) -> Tensor:
+    """Normalize ``acc = p @ v`` by the row sums of ``p``: ``round_shift(acc * floor(2**30 / P), 14)``.
+
+    ``P = max(sum_j p[..., i, j], 1)`` per row ``i`` (int32: at most ``255 * N``); the result is the
+    weighted mean ``acc / P`` of ``v`` with ``CTX_FRAC_BITS = 16`` fractional bits, i.e. int32 at scale
+    ``S_v * 2**-16``.  ``R = floor(2**30 / P)`` keeps ``>= 13`` significant bits for ``N <= 577``
+    (relative error ``<= 1/R``, far below the int8 output it feeds).
+
+    Bounds: ``acc`` comes from ``matmul(p, v)`` with int8 ``v`` (validated), so
+    ``|acc| <= 128 * P`` and ``|acc * R| <= 2**37``; the result is within ``+-2**23``.
+
+    Args:
+        acc: int32 ``(..., N, d)``.
+        p: uint8 ``(..., N, N)`` (``shiftmax_rel`` output).
+    Returns int32 ``(..., N, d)``.
+    """
+    total = _i64(p).sum(dim=-1, keepdim=True).clamp_(min=1)  # (..., N, 1)
+    r = torch.div(torch.full_like(total, 1 << _NORM_NUM_BITS), total, rounding_mode="floor")
+    return round_shift(_i64(acc) * r, _NORM_NUM_BITS - CTX_FRAC_BITS).to(torch.int32)
+
+
 def _bit_length(v: Tensor) -> Tensor:
     """Number of bits of each non-negative int64 (0 for 0), by binary search on shifts."""
     bl = torch.zeros_like(v)
@@ -309,6 +387,45 @@ def ilayernorm(x: Tensor, mult: Tensor, shift: Tensor, offset: Tensor, bits: int
     std = isqrt(var)
     factor = torch.div(INT32_MAX, std.clamp(min=1), rounding_mode="floor")
     z = (y * factor) >> (31 - LN_Z_BITS)
+    m = qmax(bits)
+    out = round_shift(z * _i64(mult), shift) + _i64(offset)
+    return out.clamp_(-m, m).to(storage_dtype(bits))
+
+
+
+def _ln_bits(c: int) -> int:
+    """``B_C = floor((31 - ceil(log2 C)) / 2)``: rows of ``C`` values below ``2**B_C`` square-sum below 2**31."""
+    return (31 - max(0, (c - 1).bit_length())) // 2
+
+
+def ilayernorm32(x: Tensor, mult: Tensor, shift: Tensor, offset: Tensor, bits: int = 8) -> Tensor:
+    """I-LayerNorm with 32-bit intermediates (the default; ``ilayernorm`` is the 64-bit original).
+
+    Per row of ``C`` channels (``C <= 8192``), gamma/beta folded as in ``ilayernorm``:
+
+    1. ``mean = floor((sum(I) + floor(C / 2)) / C)`` (= ``ilayernorm``'s round-half-up mean), ``y = I - mean``;
+    2. ``k = max(0, bitlen(max|y|) - B_C)`` with ``B_C = floor((31 - ceil(log2 C)) / 2)``, ``y' = y >> k``;
+    3. ``var' = sum(y'**2) < 2**31``, ``std' = isqrt(var')`` (exact);
+    4. ``F = floor((2**31 - 1) / max(std', 1)) >> k``;
+    5. ``z = round_shift(y * F, 11)``  (``z ~= y / std * 2**20``, ``|z| <= 2**21``);
+    6. ``out[c] = clamp(round_shift(z * b[c], c_c) + offset[c], -qmax, qmax)``.
+
+    Only the standard deviation is computed from the shifted ``y'`` (at least ``B_C >= 9`` bits of
+    the row's largest deviation); ``z`` uses the full-precision ``y``.  Every intermediate fits
+    int32 except the products ``y * F`` and ``z * b``, which are 32 x 32 -> 64-bit multiplies
+    immediately shifted back (as TOSA's ``MUL``/``RESCALE`` and a Cortex-M ``SMULL`` do).  Constant
+    tokens give ``out = offset``.  Input ``|I| < 2**15`` (int8/int16).
+    """
+    xi = _i64(x)
+    c = xi.shape[-1]
+    s = xi.sum(dim=-1, keepdim=True)
+    mean = torch.div(s + (c >> 1), c, rounding_mode="floor")
+    y = xi - mean
+    k = (_bit_length(y.abs().amax(dim=-1, keepdim=True)) - _ln_bits(c)).clamp_(min=0)
+    yp = y >> k
+    std = isqrt((yp * yp).sum(dim=-1, keepdim=True))
+    f = torch.div(INT32_MAX, std.clamp(min=1), rounding_mode="floor") >> k
+    z = round_shift(y * f, 31 - LN_Z_BITS)
     m = qmax(bits)
     out = round_shift(z * _i64(mult), shift) + _i64(offset)
     return out.clamp_(-m, m).to(storage_dtype(bits))

@@ -1,1 +1,8 @@
-"""Quantized model families converted from timm modules (ViT/DeiT, Swin)."""
+"""Integer models converted from timm (each family registers its converter where it is defined)."""
+
+from . import swin, vit  # noqa: F401  (registers the converters)
+from .base import QModel
+from .factory import CUSTOM_MODELS, converter_for, create_model, list_models, load_timm_checkpoint, register_converter
+
+__all__ = ["QModel", "CUSTOM_MODELS", "converter_for", "create_model", "list_models", "load_timm_checkpoint",
+           "register_converter"]

@@ -19,19 +19,18 @@ tokens are cut off again after the window reverse (timm masks no padded token, n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
 from ..config import QuantConfig
 from ..errors import IvitError
-from ..layers import QAct, QLayerNorm, QLinear, QPatchEmbed, QResidualAdd
+from ..ir.trace import call
+from ..nn import QAct, QAttention, QLayerNorm, QLinear, QMlp, QPatchEmbed, QResidualAdd
 from ..qtensor import QTensor, carry
 from .base import QModel
-from .vit import QAttention, QMlp
+from .vit import _check_mlp
 
 __all__ = [
     "QSwin",
@@ -101,16 +100,6 @@ def block_geometry(resolution: Pair, window: Pair, shift: Pair, always_partition
     return (win[0], win[1]), (sh[0], sh[1])
 
 
-def _spatial(x: QTensor, fn: Callable[[Tensor], Tensor]) -> QTensor:
-    """Data movement that keeps the channel axis last (so per-channel scales stay valid)."""
-    return QTensor(fn(x.q), x.scale, x.bits, None if x.value is None else fn(x.value))
-
-
-def _pad_hw(t: Tensor, ph: int, pw: int) -> Tensor:
-    """Zero-pad ``(B, H, W, C)`` at the bottom/right (integer zero stands for 0.0 at any scale)."""
-    return F.pad(t, (0, 0, 0, pw, 0, ph))
-
-
 def _check_layernorm(mod: nn.Module, where: str) -> None:
     if isinstance(mod, nn.Identity):
         return
@@ -147,14 +136,14 @@ class QSwinBlock(nn.Module):
         self.pad = ((window[0] - resolution[0] % window[0]) % window[0],
                     (window[1] - resolution[1] % window[1]) % window[1])
         self.padded = (resolution[0] + self.pad[0], resolution[1] + self.pad[1])
-        self.norm1 = QLayerNorm(dim, cfg.act_bits, cfg.momentum, eps=1e-5)
+        self.norm1 = QLayerNorm(dim, cfg.act_bits, cfg.momentum, 1e-5, cfg.layernorm)
         self.attn = QAttention(dim, num_heads, cfg)
         self.rel_bias_table = nn.Parameter(torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads))
         nn.init.trunc_normal_(self.rel_bias_table, std=0.02)
         self.register_buffer("rel_index", relative_position_index(window), persistent=False)
         self.register_buffer("attn_mask", shifted_window_mask(self.padded, window, shift), persistent=False)
         self.add1 = QResidualAdd(cfg.residual_bits, cfg.momentum)
-        self.norm2 = QLayerNorm(dim, cfg.act_bits, cfg.momentum, eps=1e-5)
+        self.norm2 = QLayerNorm(dim, cfg.act_bits, cfg.momentum, 1e-5, cfg.layernorm)
         self.mlp = QMlp(dim, hidden, cfg)
         self.add2 = QResidualAdd(cfg.residual_bits, cfg.momentum)
 
@@ -178,13 +167,12 @@ class QSwinBlock(nn.Module):
             raise IvitError("Swin with dynamic masks (strict_img_size=False) is not supported")
         m = cls(dim, attn.num_heads, blk.mlp.fc1.out_features, _pair(blk.input_resolution),
                 _pair(blk.window_size), _pair(blk.shift_size), cfg)
-        m.norm1 = QLayerNorm.from_float(blk.norm1, cfg.act_bits, cfg.momentum)
-        m.norm2 = QLayerNorm.from_float(blk.norm2, cfg.act_bits, cfg.momentum)
-        m.attn.qkv = QLinear.from_float(attn.qkv, cfg.per_channel_weights)
-        if m.attn.qkv.bias is None:  # keep the module shape fixed: a zero bias
-            m.attn.qkv.bias = nn.Parameter(torch.zeros(m.attn.qkv.out_features))
-        m.attn.proj = QLinear.from_float(attn.proj, cfg.per_channel_weights)
-        m.mlp = QMlp.from_timm(blk.mlp, cfg)
+        m.norm1 = QLayerNorm.from_float(blk.norm1, cfg.act_bits, cfg.momentum, cfg.layernorm)
+        m.norm2 = QLayerNorm.from_float(blk.norm2, cfg.act_bits, cfg.momentum, cfg.layernorm)
+        m.attn.load_timm(attn.qkv, attn.proj)
+        _check_mlp(blk.mlp)
+        m.mlp.fc1 = QLinear.from_float(blk.mlp.fc1, cfg.per_channel_weights)
+        m.mlp.fc2 = QLinear.from_float(blk.mlp.fc2, cfg.per_channel_weights)
         with torch.no_grad():
             m.rel_bias_table.copy_(attn.relative_position_bias_table)
         if not torch.equal(m.rel_index, attn.relative_position_index.cpu()):
@@ -197,20 +185,22 @@ class QSwinBlock(nn.Module):
 
     def forward(self, x: QTensor) -> QTensor:
         """x: 16-bit ``(B, H, W, C)`` -> 16-bit ``(B, H, W, C)``."""
-        (h, w), (sh, sw), (ph, pw) = self.resolution, self.shift, self.pad
+        (h, w), (sh, sw), (ph, pw), (hp, wp), (wh, ww) = self.resolution, self.shift, self.pad, self.padded, self.window
+        c = self.dim
         t = self.norm1(x)  # int8 (B, H, W, C)
         if sh or sw:
-            t = t.map(lambda v: torch.roll(v, (-sh, -sw), (1, 2)))
+            t = t.roll((-sh, -sw), (1, 2))
         if ph or pw:
-            t = t.map(lambda v: _pad_hw(v, ph, pw))  # (B, Hp, Wp, C)
-        t = t.map(lambda v: window_partition(v, self.window))  # (B*nW, N, C)
+            t = t.pad((0, 0, 0, pw, 0, ph))  # (B, Hp, Wp, C); integer 0 stands for 0.0
+        # window partition: (B, Hp, Wp, C) -> (B*nW, N, C), windows of one image contiguous
+        t = t.reshape(0, hp // wh, wh, wp // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
         a = self.attn(t, self.rel_bias(), self.attn_mask)  # int32 (B*nW, N, C), per-channel scale
-        hp, wp = self.padded
-        a = _spatial(a, lambda v: window_reverse(v, self.window, hp, wp))  # (B, Hp, Wp, C)
+        # window reverse: (B*nW, N, C) -> (B, Hp, Wp, C)
+        a = a.reshape(-1, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, hp, wp, c)
         if ph or pw:
-            a = _spatial(a, lambda v: v[:, :h, :w])
+            a = a.slice(1, 0, h).slice(2, 0, w)
         if sh or sw:
-            a = _spatial(a, lambda v: torch.roll(v, (sh, sw), (1, 2)))
+            a = a.roll((sh, sw), (1, 2))
         x = self.add1(x, a)
         return self.add2(x, self.mlp(self.norm2(x)))
 
@@ -225,7 +215,7 @@ class QPatchMerging(nn.Module):
         self.out_dim = out_dim
         self.resolution = resolution
         self.pad = (resolution[0] % 2, resolution[1] % 2)
-        self.norm = QLayerNorm(4 * dim, cfg.act_bits, cfg.momentum, eps=1e-5)
+        self.norm = QLayerNorm(4 * dim, cfg.act_bits, cfg.momentum, 1e-5, cfg.layernorm)
         self.reduction = QLinear(4 * dim, out_dim, False, cfg.per_channel_weights)
         self.out_act = QAct(cfg.residual_bits, cfg.momentum)
 
@@ -236,7 +226,7 @@ class QPatchMerging(nn.Module):
     @classmethod
     def from_timm(cls, pm: nn.Module, resolution: Pair, cfg: QuantConfig) -> QPatchMerging:
         m = cls(pm.dim, pm.out_dim, resolution, cfg)
-        m.norm = QLayerNorm.from_float(pm.norm, cfg.act_bits, cfg.momentum)
+        m.norm = QLayerNorm.from_float(pm.norm, cfg.act_bits, cfg.momentum, cfg.layernorm)
         m.reduction = QLinear.from_float(pm.reduction, cfg.per_channel_weights)
         return m
 
@@ -244,11 +234,10 @@ class QPatchMerging(nn.Module):
         """x: 16-bit ``(B, H, W, C)`` -> 16-bit ``(B, H/2, W/2, out_dim)``."""
         ph, pw = self.pad
         if ph or pw:
-            x = x.map(lambda v: _pad_hw(v, ph, pw))
-        h2, w2 = self.out_resolution
-        c = self.dim
+            x = x.pad((0, 0, 0, pw, 0, ph))
+        (h2, w2), c = self.out_resolution, self.dim
         # (B, H/2, 2, W/2, 2, C) -> (B, H/2, W/2, 2w, 2h, C) -> (B, H/2, W/2, 4C), timm's channel order
-        x = x.map(lambda v: v.reshape(-1, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(-1, h2, w2, 4 * c))
+        x = x.reshape(0, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(0, h2, w2, 4 * c)
         return self.out_act(self.reduction(self.norm(x)))
 
 
@@ -298,7 +287,8 @@ class QSwin(QModel):
         self.num_features = embed_dims[-1]
         self.patch_embed = QPatchEmbed(in_chans, patch_size, embed_dims[0], mean, std, cfg.per_channel_weights)
         self.embed_act = QAct(cfg.residual_bits, cfg.momentum)
-        self.patch_norm = QLayerNorm(embed_dims[0], cfg.residual_bits, cfg.momentum, eps=1e-5) if patch_norm else None
+        self.patch_norm = (QLayerNorm(embed_dims[0], cfg.residual_bits, cfg.momentum, 1e-5, cfg.layernorm)
+                           if patch_norm else None)
         stages = []
         res = self.grid
         for i in range(n_st):
@@ -315,7 +305,7 @@ class QSwin(QModel):
             stages.append(QSwinStage(down, blocks))
         self.stages = nn.ModuleList(stages)
         self.final_resolution = res
-        self.norm = QLayerNorm(self.num_features, cfg.act_bits, cfg.momentum, eps=1e-5)
+        self.norm = QLayerNorm(self.num_features, cfg.act_bits, cfg.momentum, 1e-5, cfg.layernorm)
         self.head = QLinear(self.num_features, num_classes, True, per_channel=False)
 
     @classmethod
@@ -368,7 +358,7 @@ class QSwin(QModel):
                 mean=mean, std=std, cfg=cfg)
         m.patch_embed = QPatchEmbed.from_conv(conv, mean, std, cfg.per_channel_weights)
         if patch_norm:
-            m.patch_norm = QLayerNorm.from_float(norm, cfg.residual_bits, cfg.momentum)
+            m.patch_norm = QLayerNorm.from_float(norm, cfg.residual_bits, cfg.momentum, cfg.layernorm)
         for qst, st in zip(m.stages, stages, strict=True):
             if qst.downsample is not None:
                 pm = st.downsample
@@ -384,17 +374,16 @@ class QSwin(QModel):
                     raise IvitError(f"Swin block geometry (resolution, window, shift) {theirs} differs from the "
                                     f"expected {geom}; models resized after construction are not supported")
                 qst.blocks[i] = QSwinBlock.from_timm(b, cfg)
-        m.norm = QLayerNorm.from_float(model.norm, cfg.act_bits, cfg.momentum)
+        m.norm = QLayerNorm.from_float(model.norm, cfg.act_bits, cfg.momentum, cfg.layernorm)
         m.head = QLinear.from_float(fc, per_channel=False)
         return m
 
     def forward(self, pixels: Tensor) -> QTensor:
         """uint8 ``(B, 3, H, W)`` -> ``QTensor`` of int32 logits ``(B, num_classes)``."""
         gh, gw = self.grid
-        c = self.embed_dim
-        x = self.input_qtensor(pixels)  # int8 (B, L, 3pp)
+        x = self.patch_embed.patchify(self.input_qtensor(pixels))  # int8 (B, L, 3pp)
         x = self.embed_act(self.patch_embed(x))  # int16 (B, L, C)
-        x = x.map(lambda t: t.reshape(-1, gh, gw, c))  # (B, gh, gw, C)
+        x = x.reshape(0, gh, gw, self.embed_dim)  # (B, gh, gw, C)
         if self.patch_norm is not None:
             x = self.patch_norm(x)  # int16
         for st in self.stages:
@@ -405,8 +394,18 @@ class QSwin(QModel):
 
 def pool_tokens(x: QTensor) -> QTensor:
     """Integer mean over the ``H*W`` tokens of ``(B, H, W, C)`` (``ops.int_mean``, half up) -> ``(B, C)``."""
-    b, h, w, c = x.q.shape
-    q = ops.int_mean(x.q.reshape(b, h * w, c), dim=1)
-    value = None if x.value is None else carry(x.value.reshape(b, h * w, c).mean(dim=1), q, x.scale)
-    return QTensor(q, x.scale, x.bits, value)
+    t = x.reshape(0, -1, x.q.shape[-1])  # (B, H*W, C)
+    q, name = call("mean", [t], attrs={"dim": 1})
+    value = None if t.value is None else carry(t.value.mean(dim=1), q, x.scale)
+    return QTensor(q, x.scale, x.bits, value, name)
 
+
+def _register() -> None:
+    from timm.models.swin_transformer import SwinTransformer
+
+    from .factory import register_converter
+
+    register_converter(SwinTransformer)(QSwin.from_timm)
+
+
+_register()

@@ -165,6 +165,47 @@ void add_requant_i16_i32_i16(const int16_t *a, const int32_t *b, int16_t *out, i
 
 DEF_LN(layernorm_i16_i8, int8_t)
 
+static inline int64_t bitlen64(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
+
+/* I-LayerNorm with 32-bit intermediates (ops.ilayernorm32): int16 rows of C (C <= 8192) -> int8. */
+void layernorm32_i16_i8(const int16_t *x, int8_t *out, int64_t rows, int64_t C, const int32_t *mult,
+                        const int32_t *shift, const int32_t *offset, int64_t qmax, int nt) {
+    int64_t *m64 = 0, *h64 = 0, *s64 = 0;
+    if (expand_consts(mult, shift, C, &m64, &h64, &s64)) return;
+    const int64_t bc = (31 - bitlen64((uint64_t)(C - 1))) / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int16_t *restrict xr = x + r * C;
+        int8_t *restrict o = out + r * C;
+        int64_t s = 0;
+        for (int64_t c = 0; c < C; c++) s += xr[c];
+        const int64_t mean = floor_div(s + (C >> 1), C);
+        int64_t amax = 0;
+        for (int64_t c = 0; c < C; c++) {
+            int64_t y = xr[c] - mean;
+            y = y < 0 ? -y : y;
+            amax = y > amax ? y : amax;
+        }
+        int64_t k = bitlen64((uint64_t)amax) - bc;
+        k = k < 0 ? 0 : k;
+        int64_t var = 0;
+        for (int64_t c = 0; c < C; c++) {
+            int64_t y = (xr[c] - mean) >> k;
+            var += y * y;
+        }
+        const int64_t sd = isqrt64(var);
+        const int64_t f = (2147483647LL / (sd < 1 ? 1 : sd)) >> k;
+        const int64_t *restrict mm = m64, *restrict hh = h64, *restrict ss = s64;
+        for (int64_t c = 0; c < C; c++) {
+            int64_t z = ((xr[c] - mean) * f + (1 << 10)) >> 11;
+            int64_t v = ((z * mm[c] + hh[c]) >> ss[c]) + offset[c];
+            o[c] = (int8_t)clamp64(v, -qmax, qmax);
+        }
+    }
+    free(m64); free(h64); free(s64);
+    (void)nt;
+}
+
 /* ShiftExp of I <= 0 (ops.shift_exp). */
 /* q = floor(a / d) for 0 <= a <= 63 * d, 1 <= d < 2^52, without a division (vectorizable):
  * with inv = floor(2^58 / d) + 1, (a * inv) >> 58 is q or q + 1 (the excess a / 2^58 < 1) and
@@ -214,24 +255,110 @@ static inline void shiftmax_row(int64_t *restrict e, int8_t *restrict p, int64_t
 /* Shiftmax over rows of N (ops.shiftmax); optional mask (uint8, (nW, N, N)), where row r of the
  * (B*nW, H, N, N) score tensor uses mask[(r / (H*N)) % nW][r % N][:]. Scratch: N int64 per thread. */
 #define DEF_SHIFTMAX(NAME, TIN)                                                                    \
-    void NAME(const TIN *x, int8_t *out, int64_t rows, int64_t N, int64_t x0, int64_t n,           \
+    int NAME(const TIN *x, int8_t *out, int64_t rows, int64_t N, int64_t x0, int64_t n,           \
               int64_t k_out, const uint8_t *mask, int64_t n_win, int64_t heads, int nt) {           \
         const uint64_t inv = ((uint64_t)1 << 58) / (uint64_t)(-x0) + 1;                             \
+        int failed = 0;                                                                            \
         _Pragma("omp parallel") {                                                                  \
-            int64_t e[4096];                                                                       \
-            _Pragma("omp for schedule(static)") for (int64_t r = 0; r < rows; r++) {               \
-                const TIN *restrict xr = x + r * N;                                                \
-                const uint8_t *mr = 0;                                                             \
-                if (mask) mr = mask + (((r / (heads * N)) % n_win) * N + (r % N)) * N;             \
-                for (int64_t j = 0; j < N; j++) e[j] = xr[j];                                      \
-                shiftmax_row(e, out + r * N, N, x0, n, inv, k_out, mr);                            \
+            int64_t *e = malloc(N * sizeof(int64_t));                                              \
+            if (!e) {                                                                              \
+                _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
+            _Pragma("omp barrier")                                                                 \
+            if (!failed) {                                                                         \
+                _Pragma("omp for schedule(static)") for (int64_t r = 0; r < rows; r++) {           \
+                    const TIN *restrict xr = x + r * N;                                            \
+                    const uint8_t *mr = 0;                                                         \
+                    if (mask) mr = mask + (((r / (heads * N)) % n_win) * N + (r % N)) * N;         \
+                    for (int64_t j = 0; j < N; j++) e[j] = xr[j];                                  \
+                    shiftmax_row(e, out + r * N, N, x0, n, inv, k_out, mr);                        \
+                }                                                                                  \
+            }                                                                                      \
+            free(e);                                                                               \
         }                                                                                          \
         (void)nt;                                                                                  \
+        return failed;                                                                             \
     }
 
 DEF_SHIFTMAX(shiftmax_i16, int16_t)
 DEF_SHIFTMAX(shiftmax_i32, int32_t)
+
+/* Shiftmax-rel of one row (ops.shiftmax_rel): s holds the N scores, p gets uint8 probabilities relative to
+ * the row maximum, the return value is their sum P.  M = floor(255 * 2^22 / |x0|).  Every intermediate fits
+ * int32 (kept in int64 registers here).  A fully masked row gives p = 0, P = 0. */
+static inline int64_t shiftmax_rel_row(const int64_t *restrict s, uint8_t *restrict p, int64_t N, int64_t x0,
+                                       int64_t M, uint64_t inv, const uint8_t *restrict mr) {
+    int64_t mx = INT64_MIN;
+    for (int64_t j = 0; j < N; j++)
+        if (!mr || !mr[j]) mx = s[j] > mx ? s[j] : mx;
+    if (mx == INT64_MIN) {
+        for (int64_t j = 0; j < N; j++) p[j] = 0;
+        return 0;
+    }
+    int64_t total = 0;
+    const int64_t lo = 9 * x0;
+    for (int64_t j = 0; j < N; j++) {
+        int64_t d = s[j] - mx;
+        d = d > 0 ? 0 : d;
+        int64_t xp = d + (d >> 1) - (d >> 4);
+        if (xp < lo) xp = lo;
+        int64_t q = udiv_small(-xp, -x0, inv); /* floor(xp / x0), in [0, 9] */
+        int64_t r = xp - q * x0;
+        int64_t e = (r >> 1) - x0;
+        int64_t sh = 22 + q;
+        int64_t v = (e * M + ((int64_t)1 << (sh - 1))) >> sh;
+        v = v > 255 ? 255 : v;
+        if (mr && mr[j]) v = 0;
+        p[j] = (uint8_t)v;
+        total += v;
+    }
+    return total;
+}
+
+/* Standalone shiftmax_rel over rows of N (mask as in shiftmax_i16). Returns nonzero on allocation failure. */
+#define DEF_SHIFTMAX_REL(NAME, TIN)                                                                \
+    int NAME(const TIN *x, uint8_t *out, int64_t rows, int64_t N, int64_t x0, const uint8_t *mask,  \
+             int64_t n_win, int64_t heads, int nt) {                                               \
+        const uint64_t inv = ((uint64_t)1 << 58) / (uint64_t)(-x0) + 1;                             \
+        const int64_t M = ((int64_t)255 << 22) / (-x0);                                            \
+        int failed = 0;                                                                            \
+        _Pragma("omp parallel") {                                                                  \
+            int64_t *e = malloc(N * sizeof(int64_t));                                              \
+            if (!e) {                                                                              \
+                _Pragma("omp atomic write") failed = 1;                                            \
+            }                                                                                      \
+            _Pragma("omp barrier")                                                                 \
+            if (!failed) {                                                                         \
+                _Pragma("omp for schedule(static)") for (int64_t r = 0; r < rows; r++) {           \
+                    const TIN *restrict xr = x + r * N;                                            \
+                    const uint8_t *mr = 0;                                                         \
+                    if (mask) mr = mask + (((r / (heads * N)) % n_win) * N + (r % N)) * N;         \
+                    for (int64_t j = 0; j < N; j++) e[j] = xr[j];                                  \
+                    shiftmax_rel_row(e, out + r * N, N, x0, M, inv, mr);                           \
+                }                                                                                  \
+            }                                                                                      \
+            free(e);                                                                               \
+        }                                                                                          \
+        (void)nt;                                                                                  \
+        return failed;                                                                             \
+    }
+
+DEF_SHIFTMAX_REL(shiftmax_rel_i16, int16_t)
+DEF_SHIFTMAX_REL(shiftmax_rel_i32, int32_t)
+
+/* attn_normalize (ops.attn_normalize): out[r, c] = round_shift(acc[r, c] * floor(2^30 / max(P_r, 1)), 14)
+ * with P_r = sum_j p[r, j]; acc (rows, d) int32, p (rows, N) uint8. */
+void attn_normalize_i32(const int32_t *acc, const uint8_t *p, int32_t *out, int64_t rows, int64_t d, int64_t N,
+                        int nt) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t total = 0;
+        for (int64_t j = 0; j < N; j++) total += p[r * N + j];
+        const int64_t R = ((int64_t)1 << 30) / (total < 1 ? 1 : total);
+        for (int64_t c = 0; c < d; c++) out[r * d + c] = (int32_t)(((int64_t)acc[r * d + c] * R + (1 << 13)) >> 14);
+    }
+    (void)nt;
+}
 
 /* Table lookup: out[i] = lut[x[i] + 128] for int8 x (elementwise ops of an 8-bit input). */
 void lut_i8_i32(const int8_t *x, int32_t *out, int64_t n, const int32_t *lut, int nt) {
@@ -318,15 +445,16 @@ int attention_i8(const int8_t *q, const int8_t *k, const int8_t *v, int32_t *ctx
                   int64_t N, int64_t d, int64_t qB, int64_t qH, int64_t qN, int64_t kB, int64_t kH, int64_t kN,
                   int64_t vB, int64_t vH, int64_t vN, int64_t oB, int64_t oH, int64_t oN, const int32_t *bias,
                   int64_t s_mult, int64_t s_shift, int64_t s_qmax, int64_t x0, int64_t n, const uint8_t *mask,
-                  int64_t n_win, int nt) {
+                  int64_t n_win, int64_t mode, int nt) {
     const uint64_t inv = ((uint64_t)1 << 58) / (uint64_t)(-x0) + 1;
+    const int64_t rel_m = ((int64_t)255 << 22) / (-x0);
     const int64_t n16 = (N + 15) / 16 * 16, n4 = (N + 3) / 4 * 4;
     int failed = 0;
 #pragma omp parallel
     {
         int32_t *srow = malloc(n16 * sizeof(int32_t));
         int64_t *e = malloc(N * sizeof(int64_t));
-        int8_t *prow = malloc(n4 + 64);
+        uint8_t *prow = malloc(n4 + 64);
         int8_t *kp = malloc(d * n16 + 64);   /* [d/4][n16][4] */
         int32_t *ksum = malloc(n16 * sizeof(int32_t));
         int8_t *vp = malloc(n4 * d + 64);    /* [n4/4][d][4] */
@@ -382,7 +510,17 @@ int attention_i8(const int8_t *q, const int8_t *k, const int8_t *v, int32_t *ctx
                     if (biasb)
                         for (int64_t j = 0; j < N; j++)
                             srow[j] = (int32_t)((int64_t)srow[j] + (int64_t)biasb[i * N + j]);
-                    softmax_row(srow, prow, N, s_mult, s_shift, s_qmax, x0, n, inv, mb ? mb + i * N : 0, e);
+                    int64_t total = 0;
+                    if (mode == 1) {
+                        const int64_t half = (int64_t)1 << (s_shift - 1);
+                        for (int64_t j = 0; j < N; j++)
+                            e[j] = clamp64(((int64_t)srow[j] * s_mult + half) >> s_shift, -s_qmax, s_qmax);
+                        total = shiftmax_rel_row(e, prow, N, x0, rel_m, inv, mb ? mb + i * N : 0);
+                    } else {
+                        softmax_row(srow, (int8_t *)prow, N, s_mult, s_shift, s_qmax, x0, n, inv,
+                                    mb ? mb + i * N : 0, e);
+                    }
+                    const int64_t R = ((int64_t)1 << 30) / (total < 1 ? 1 : total);
                     for (int64_t j = N; j < n4; j++) prow[j] = 0;
                     int32_t *oi = ob + i * oN;
 #if IVIT_VNNI
@@ -397,14 +535,17 @@ int attention_i8(const int8_t *q, const int8_t *k, const int8_t *v, int32_t *ctx
                             }
                             _mm512_storeu_si512((void *)(oi + cb), acc);
                         }
-                        continue;
-                    }
+                    } else
 #endif
-                    for (int64_t c = 0; c < d; c++) {
-                        int32_t acc = 0;
-                        for (int64_t j = 0; j < N; j++) acc += (int32_t)prow[j] * (int32_t)vb[j * vN + c];
-                        oi[c] = acc;
+                    {
+                        for (int64_t c = 0; c < d; c++) {
+                            int32_t acc = 0;
+                            for (int64_t j = 0; j < N; j++) acc += (int32_t)prow[j] * (int32_t)vb[j * vN + c];
+                            oi[c] = acc;
+                        }
                     }
+                    if (mode == 1) /* ops.attn_normalize: round_shift(acc * floor(2^30 / P), 14) */
+                        for (int64_t c = 0; c < d; c++) oi[c] = (int32_t)(((int64_t)oi[c] * R + (1 << 13)) >> 14);
                 }
             }
         }

@@ -15,15 +15,16 @@ from typing import Any
 
 import torch
 
-from . import data
-from .api import calibrate, create_model, quantize
-from .bench import median_ms
-from .engine import Engine, verify_integer_only
-from .errors import IvitError
-from .freeze import freeze
-from .program import load_program
-from .runlog import write_text_atomic
-from .train import FloatWrapper, TrainConfig, evaluate, predict_int, train
+from .. import data
+from .._io import write_text_atomic
+from ..backends import Engine
+from ..bench import median_ms
+from ..errors import IvitError
+from ..ir.program import load_program
+from ..models import create_model
+from ..quant import calibrate, freeze, quantize
+from ..training.trainer import FloatWrapper, TrainConfig, evaluate, predict_int, train
+from ..verify import verify_integer_only
 
 __all__ = ["DEMO_MODELS", "run_demo", "write_json_atomic"]
 

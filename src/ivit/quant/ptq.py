@@ -36,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import Probs
+from ..errors import IvitError
+from ..ir.opset import expand_window_mask
+from ..models.base import QModel
+from ..nn import QLayerNorm, QLinear, QShiftGELU, QShiftmax, RangeObserver
+from ..qtensor import QTensor
 from .api import _images, calibrate
-from .errors import IvitError
-from .layers import QLayerNorm, QLinear, QShiftGELU, QShiftmax, RangeObserver
-from .models.base import QModel
-from .qtensor import QTensor
 
 __all__ = ["CLIP_FACTORS", "SHIFTMAX_N", "SHIFTGELU_N", "BALANCE_ALPHAS", "LayerChoice", "SearchReport", "search",
            "balance_layernorms", "reset_observers", "ptq"]
@@ -101,7 +103,8 @@ class _Stop(Exception):
 def _targets(model: QModel, x: Tensor) -> list[tuple[str, nn.Module]]:
     """Modules with a free parameter, in the order the forward pass first calls them."""
     named = [(n, m) for n, m in model.named_modules()
-             if isinstance(getattr(m, "observer", None), RangeObserver) or isinstance(m, (QShiftmax, QShiftGELU))]
+             if isinstance(getattr(m, "observer", None), RangeObserver) or isinstance(m, QShiftGELU)
+             or (isinstance(m, QShiftmax) and m.probs == Probs.SHIFTMAX8)]
     order: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
              for n, m in named]
@@ -197,11 +200,12 @@ def _search_n(module: QShiftmax | QShiftGELU, inputs: list[tuple[tuple, dict]], 
     for args, kwargs in inputs:
         x: QTensor = args[0]
         v = x.dequantize()
-        if isinstance(module, QShiftmax):
-            mask = args[1] if len(args) > 1 else kwargs.get("mask")
+        if isinstance(module, QShiftmax):  # output: softmax(scores) @ values
+            values: QTensor = args[1] if len(args) > 1 else kwargs["v"]
+            mask = args[2] if len(args) > 2 else kwargs.get("mask")
             if mask is not None:
-                v = v.masked_fill(mask, float("-inf"))
-            refs.append(torch.softmax(v, dim=-1).nan_to_num(0.0))
+                v = v.masked_fill(expand_window_mask(mask, v.shape), float("-inf"))
+            refs.append(torch.softmax(v, dim=-1).nan_to_num(0.0) @ values.dequantize())
         else:
             refs.append(F.gelu(v))
     default = int(module.n_max)

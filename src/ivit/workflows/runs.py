@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from . import distributed as D
-from .errors import IvitError
+from ..errors import IvitError
+from ..training import distributed as D
 
 __all__ = ["add_train_commands", "run_train", "run_qat", "run_ptq", "RunResult", "timm_train_transform",
            "QAT_RECIPE"]
@@ -105,7 +105,7 @@ def _model_geometry(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[flo
 def _datasets(a: argparse.Namespace, img: int, mean: tuple[float, ...], std: tuple[float, ...],
               train: bool = True) -> tuple[Dataset | None, Dataset]:
     """(augmented training set or None, held-out set), both limited by --limit-train / --limit-eval."""
-    from . import data
+    from .. import data
 
     eval_ds: Dataset = data.build_dataset(a.data, "test", img)
     if getattr(a, "limit_eval", 0):
@@ -129,7 +129,7 @@ def _datasets(a: argparse.Namespace, img: int, mean: tuple[float, ...], std: tup
 def _calib_batches(a: argparse.Namespace, img: int) -> list[Tensor]:
     """The first --calib-batches batches of a seeded shuffle of the (un-augmented) training set:
     identical on every rank."""
-    from . import data
+    from .. import data
 
     ds = data.build_dataset(a.data, "train", img)
     out: list[Tensor] = []
@@ -145,7 +145,7 @@ def _calib_batches(a: argparse.Namespace, img: int) -> list[Tensor]:
 
 
 def _create(a: argparse.Namespace, num_classes: int | None) -> nn.Module:
-    from . import api
+    from .. import models as api
 
     kwargs: dict[str, Any] = {}
     if getattr(a, "img_size", None):
@@ -155,7 +155,7 @@ def _create(a: argparse.Namespace, num_classes: int | None) -> nn.Module:
 
 
 def _num_classes(a: argparse.Namespace) -> int:
-    from . import data
+    from .. import data
 
     if a.num_classes:
         return a.num_classes
@@ -177,7 +177,7 @@ def _prepare_out(out: str, info: D.DistInfo) -> Path:
 
 
 def _resume_path(a: argparse.Namespace, out: Path) -> Path | None:
-    from .train import CHECKPOINT_NAME
+    from ..training.trainer import CHECKPOINT_NAME
 
     ck = out / CHECKPOINT_NAME
     if a.resume is None:
@@ -206,7 +206,7 @@ def _seed_rank(seed: int, rank: int) -> None:
 
 
 def _train_config(a: argparse.Namespace) -> Any:
-    from .train import TrainConfig
+    from ..training.trainer import TrainConfig
 
     alpha = a.distill_alpha if getattr(a, "distill", False) else 0.0
     return TrainConfig(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.batch,
@@ -218,7 +218,7 @@ def _save_state_dict(model: nn.Module, path: Path, meta: dict[str, str]) -> None
     """A timm state dict as safetensors, written atomically."""
     from safetensors.torch import save_file
 
-    from .runlog import atomic_path
+    from .._io import atomic_path
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp, metadata=meta)
@@ -247,7 +247,7 @@ def _int_device_ok(qmodel: nn.Module, x: Tensor, device: torch.device) -> bool:
 
 def run_train(a: argparse.Namespace) -> RunResult:
     """Float training of a timm model on uint8 data; writes ``model.safetensors`` (timm state dict)."""
-    from .train import FloatWrapper, Trainer
+    from ..training.trainer import FloatWrapper, Trainer
 
     info = D.init_distributed(a.device)
     try:
@@ -278,11 +278,11 @@ def run_train(a: argparse.Namespace) -> RunResult:
 
 def run_qat(a: argparse.Namespace) -> RunResult:
     """Quantization-aware training: float model -> ``quantize`` -> calibrate -> QAT -> ``model.ivit``."""
-    from . import api
-    from .config import QuantConfig
-    from .engine import Engine
-    from .freeze import freeze
-    from .train import FloatWrapper, Trainer, evaluate_dataset
+    from .. import quant as api
+    from ..backends import Engine
+    from ..config import QuantConfig
+    from ..quant import freeze
+    from ..training.trainer import FloatWrapper, Trainer, evaluate_dataset
 
     info = D.init_distributed(a.device)
     try:
@@ -309,7 +309,7 @@ def run_qat(a: argparse.Namespace) -> RunResult:
         if resume is None:
             base = evaluate_dataset(fmodel, eval_ds, 2 * a.batch, a.workers, progress=not a.no_progress)
             if a.ptq_search:
-                from .ptq import ptq
+                from ..quant.ptq import ptq
 
                 search_report = ptq(qmodel, [x.to(device) for x in calib], search_batches=a.search_batches,
                                     progress=not a.no_progress and info.is_main)
@@ -349,12 +349,12 @@ def run_qat(a: argparse.Namespace) -> RunResult:
 
 def run_ptq(a: argparse.Namespace) -> dict[str, Any]:
     """Calibration-only PTQ with the per-layer search; writes the ``.ivit`` file."""
-    from . import api
-    from .config import QuantConfig
-    from .engine import Engine
-    from .freeze import freeze
-    from .ptq import ptq
-    from .train import evaluate
+    from .. import quant as api
+    from ..backends import Engine
+    from ..config import QuantConfig
+    from ..quant import freeze
+    from ..quant.ptq import ptq
+    from ..training.trainer import evaluate
 
     out = Path(a.out)
     if not out.parent.is_dir():
@@ -379,12 +379,12 @@ def run_ptq(a: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {"ivit": str(out), "calib_images": sum(len(x) for x in calib),
                                "search": None if report is None else report.summary()}
     if a.report:
-        from .runlog import write_text_atomic
+        from .._io import write_text_atomic
 
         write_text_atomic(Path(a.report), json.dumps({"summary": summary, "choices": [] if report is None
                                                       else report.to_json()}, indent=1) + "\n")
     if a.eval:
-        from . import data
+        from .. import data
 
         _, eval_ds = _datasets(a, img, (), (), train=False)
         res = evaluate(Engine(prog), data.make_loader(eval_ds, 2 * a.batch, shuffle=False),

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import IvitError
-from .runlog import atomic_path
+from .._io import atomic_path
+from ..errors import IvitError
 
 __all__ = [
     "FORMAT",
@@ -245,7 +245,7 @@ def set_rng_state(tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
 def module_attrs(model: nn.Module) -> dict[str, dict[str, int]]:
     """Integer free parameters kept as plain attributes: the ShiftExp ``n_max`` of every
     ``QShiftmax`` / ``QShiftGELU`` (set per layer by the PTQ search)."""
-    from .layers import QShiftGELU, QShiftmax
+    from ..nn import QShiftGELU, QShiftmax
 
     return {name: {"n_max": int(m.n_max)} for name, m in model.named_modules()
             if isinstance(m, (QShiftmax, QShiftGELU))}

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ..errors import IvitError
+from ..models.base import QModel
 from . import distributed as D
-from .errors import IvitError
-from .models.base import QModel
 
 __all__ = ["normalize", "FloatWrapper", "TrainConfig", "train", "evaluate", "predict_int", "cosine_lr",
            "make_optimizer", "LogitsModule", "EpochSampler", "Trainer", "CHECKPOINT_NAME", "evaluate_dataset"]

@@ -1,27 +1,24 @@
-"""The public workflow: ``create_model`` -> ``quantize`` -> ``calibrate`` (PTQ) / train (QAT) -> ``freeze``.
+"""Float timm models by name, and the registry binding timm model classes to their integer converters.
 
-    model = ivit.create_model("deit_small_patch16_224", pretrained=True)
-    qmodel = ivit.quantize(model, ivit.QuantConfig())
-    ivit.calibrate(qmodel, loader)             # running min/max of every activation
-    program = ivit.freeze(qmodel)              # integer program
-    program.save("deit_s.ivit"); engine = ivit.load("deit_s.ivit")
+``create_model(name)`` builds a timm model (timm names, or the small ``CUSTOM_MODELS`` used by tests,
+demos and benchmarks); ``register_converter(timm_cls)`` binds a timm class to the function that turns
+it into an ivit ``QModel`` (registered next to each model's definition).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .config import QuantConfig
-from .errors import IvitError
-from .layers import RangeObserver
-from .models.base import QModel
+from ..config import QuantConfig
+from ..errors import IvitError
+from .base import QModel
 
-__all__ = ["create_model", "quantize", "calibrate", "freeze_ranges", "register_converter", "CUSTOM_MODELS",
-           "list_models"]
+__all__ = ["create_model", "load_timm_checkpoint", "list_models", "register_converter", "converter_for",
+           "CUSTOM_MODELS"]
 
 #: Small custom sizes (timm VisionTransformer / SwinTransformer kwargs) for tests, demos and benchmarks.
 CUSTOM_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -50,19 +47,12 @@ def register_converter(timm_cls: type) -> Callable[[Callable[[nn.Module, QuantCo
     return deco
 
 
-def _register_builtin() -> None:
-    from timm.models.vision_transformer import VisionTransformer
-
-    from .models.vit import QViT
-
-    register_converter(VisionTransformer)(QViT.from_timm)
-    try:
-        from timm.models.swin_transformer import SwinTransformer
-
-        from .models.swin import QSwin
-    except ImportError:  # Swin support not built yet
-        return
-    register_converter(SwinTransformer)(QSwin.from_timm)
+def converter_for(model: nn.Module) -> Callable[[nn.Module, QuantConfig], QModel] | None:
+    """The registered converter of ``model``'s class (or of its nearest registered base class)."""
+    for cls in type(model).__mro__:
+        if cls in _CONVERTERS:
+            return _CONVERTERS[cls]
+    return None
 
 
 def list_models() -> list[str]:
@@ -155,58 +145,3 @@ def load_timm_checkpoint(model: nn.Module, path: str) -> None:
     model.load_state_dict(sd)
 
 
-def quantize(model: nn.Module, config: QuantConfig | None = None) -> QModel:
-    """Convert a float timm model into an integer I-ViT ``QModel`` (weights copied).
-
-    The result must be calibrated (``calibrate``) or trained (QAT, train mode) before eval or freeze.
-    """
-    if isinstance(model, QModel):
-        return model
-    if not _CONVERTERS:
-        _register_builtin()
-    config = config or QuantConfig()
-    for cls in type(model).__mro__:
-        if cls in _CONVERTERS:
-            q = _CONVERTERS[cls](model, config)
-            name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-            if name:
-                q.meta["name"] = name
-            return q.to(next(model.parameters()).device)
-    raise IvitError(f"cannot quantize {type(model).__name__}: supported are ViT/DeiT and Swin (timm)")
-
-
-def _images(batch: Any) -> Tensor:
-    if isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if not isinstance(batch, Tensor):
-        raise IvitError("calibration batches must be uint8 tensors or (images, labels) pairs")
-    return batch
-
-
-def calibrate(qmodel: QModel, batches: Iterable[Any], max_batches: int | None = None,
-              progress: bool = False) -> QModel:
-    """Post-training calibration: run batches in train mode without gradients so that every
-    observer records running min/max; leaves the model in eval mode.  Returns ``qmodel``."""
-    from tqdm.auto import tqdm
-
-    qmodel.train()
-    n = 0
-    device = next(qmodel.parameters()).device
-    with torch.no_grad():
-        it = tqdm(batches, desc="calibrate", disable=not progress, leave=False)
-        for batch in it:
-            qmodel(_images(batch).to(device))
-            n += 1
-            if max_batches is not None and n >= max_batches:
-                break
-    if n == 0:
-        raise IvitError("no calibration data")
-    qmodel.eval()
-    return qmodel
-
-
-def freeze_ranges(qmodel: nn.Module, frozen: bool = True) -> None:
-    """Stop (or restart) the running min/max updates of every observer."""
-    for m in qmodel.modules():
-        if isinstance(m, RangeObserver):
-            m.frozen.fill_(frozen)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .errors import IvitError
+from ..errors import IvitError
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "is_distributed", "rank", "world_size",
            "all_reduce_sum", "all_gather_objects", "broadcast_buffers", "barrier", "resolve_device"]

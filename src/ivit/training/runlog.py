@@ -11,52 +11,20 @@ import csv
 import io
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_text_atomic", "write_logs", "plot_accuracy", "ACCURACY_KEYS", "publish"]
+from .._io import atomic_path, write_text_atomic
+
+__all__ = ["write_logs", "plot_accuracy", "ACCURACY_KEYS"]
 
 #: metric key -> legend label, in plot order
 ACCURACY_KEYS: dict[str, str] = {
     "float_top1": "float32",
     "int_top1": "integer-only",
 }
-
-
-def publish(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
-    """Give a finished temporary file the usual permissions (``0o666`` minus the umask; ``mkstemp``
-    makes ``0o600``), fsync it and rename it over ``path``."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[str]:
-    """A temporary file name next to ``path`` to write to; published over ``path`` (``publish``) when the
-    block succeeds, removed when it fails, so ``path`` is never half-written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder, fsync and rename."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
 
 
 def _csv(history: Sequence[dict[str, Any]]) -> str:

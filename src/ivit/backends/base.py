@@ -1,0 +1,64 @@
+"""Backends: named kernel tables (with the passes they want) that run a validated program.
+
+A backend registers itself with ``register_backend``: its name, the devices it runs on, an
+availability check, a kernel-factory table (``op -> factory``; ops it leaves out use the op set's
+reference) and the passes (``ivit.ir.passes``) it applies to a program before planning.  The engine
+asks this registry; it has no list of backends of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ..errors import IvitError
+from ..ir.interpret import KernelFactory
+
+__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "BACKENDS"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend.
+
+    Attributes:
+        name: ``"reference"``, ``"cpu"`` ...
+        devices: torch device types it runs on.
+        available: whether it can run here (compiler present, package installed ...).
+        kernels: returns the ``op -> kernel factory`` table (called once per engine).
+        passes: program passes applied before planning, in order.
+        description: one line for ``ivit inspect`` and error messages.
+        native: whether kernels run machine code outside aten (the integer-only proof then also
+            disassembles it, see ``ivit.verify``).
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    available: Callable[[], bool]
+    kernels: Callable[[], Mapping[str, KernelFactory]]
+    passes: tuple[str, ...] = ()
+    description: str = ""
+    native: bool = False
+    aliases: tuple[str, ...] = field(default=())
+
+
+BACKENDS: dict[str, Backend] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    BACKENDS[backend.name] = backend
+    for a in backend.aliases:
+        _ALIASES[a] = backend.name
+    return backend
+
+
+def backend_names() -> list[str]:
+    return sorted(BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    b = BACKENDS.get(_ALIASES.get(name, name))
+    if b is None:
+        raise IvitError(f"unknown backend {name!r} (choose from {', '.join(backend_names())})")
+    return b
