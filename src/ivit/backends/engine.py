@@ -17,8 +17,9 @@ from torch import Tensor
 
 from ..errors import IvitError
 from ..ir import interpret
+from ..ir.limits import Limits
 from ..ir.passes import apply_passes
-from ..ir.program import Limits, Program, load_program
+from ..ir.program import Program, load_program
 from ..ir.validate import validate
 from .base import Backend, get_backend
 

@@ -69,6 +69,7 @@ class OpDef:
     doc: str
     fused: bool = False
     legacy: bool = False
+    since: int = 1
     const_names: frozenset[str] = field(init=False)
     attr_names: frozenset[str] = field(init=False)
 
@@ -201,11 +202,11 @@ OPSET: dict[str, OpDef] = {}
 
 
 def _op(name: str, inputs: tuple[str, ...], consts: tuple[ConstSpec, ...] = (), attrs: tuple[AttrSpec, ...] = (),
-        *, reference: Callable[..., Tensor], fused: bool = False,
-        legacy: bool = False) -> Callable[[Callable[[Check], TType]], Callable[[Check], TType]]:
+        *, reference: Callable[..., Tensor], fused: bool = False, legacy: bool = False,
+        since: int = 1) -> Callable[[Callable[[Check], TType]], Callable[[Check], TType]]:
     def deco(infer: Callable[[Check], TType]) -> Callable[[Check], TType]:
         doc = (infer.__doc__ or "").strip()
-        OPSET[name] = OpDef(name, inputs, consts, attrs, infer, reference, doc, fused, legacy)
+        OPSET[name] = OpDef(name, inputs, consts, attrs, infer, reference, doc, fused, legacy, since)
         return infer
     return deco
 
@@ -391,7 +392,7 @@ def _layernorm(c: Check) -> TType:
     return _requant_out(c, x, bits, ops.qmax(bits))
 
 
-@_op("layernorm32", ("x",), _LN_CONSTS, (AttrSpec("bits", lo=2, hi=16),),
+@_op("layernorm32", ("x",), _LN_CONSTS, (AttrSpec("bits", lo=2, hi=16),), since=2,
      reference=lambda x, mult, shift, offset, bits: ops.ilayernorm32(x, mult, shift, offset, bits))
 def _layernorm32(c: Check) -> TType:
     """I-LayerNorm with 32-bit intermediates (``ops.ilayernorm32``)."""
@@ -430,7 +431,7 @@ def _softmax_rel_ref(x: Tensor, x0: int, mask: Tensor | None = None) -> Tensor:
 
 
 @_op("shiftmax_rel", ("x",), (ConstSpec("mask", (_BOOL,), optional=True),), (AttrSpec("x0", lo=-(2**27), hi=-1),),
-     reference=_softmax_rel_ref)
+     reference=_softmax_rel_ref, since=2)
 def _shiftmax_rel(c: Check) -> TType:
     """ShiftExp probabilities relative to the row maximum, uint8 ``[0, 255]`` (``ops.shiftmax_rel``)."""
     x = c.input(0, (_I8, _I16, _I32))
@@ -441,7 +442,7 @@ def _shiftmax_rel(c: Check) -> TType:
     return TType.of(_U8, x.shape, x.batch_axis, 0, 255)
 
 
-@_op("attn_normalize", ("acc", "p"), reference=lambda acc, p: ops.attn_normalize(acc, p))
+@_op("attn_normalize", ("acc", "p"), reference=lambda acc, p: ops.attn_normalize(acc, p), since=2)
 def _attn_normalize(c: Check) -> TType:
     """``round_shift(acc * floor(2**30 / sum(p)), 14)``: ``acc = p @ v`` divided by the row sums of ``p``."""
     acc = c.input(0, (_I32,), 2)
@@ -638,7 +639,7 @@ def _attention_ref(q: Tensor, k: Tensor, v: Tensor, score_mult: Tensor, score_sh
       ConstSpec("mask", (_BOOL,), optional=True)),
      (AttrSpec("score_bits", lo=2, hi=32), AttrSpec("probs", lo=0, hi=1), AttrSpec("x0", lo=-(2**52) + 1, hi=-1),
       AttrSpec("n", lo=0, hi=62, optional=True)),
-     reference=_attention_ref, fused=True)
+     reference=_attention_ref, fused=True, since=2)
 def _attention(c: Check) -> TType:
     """Fused ``q k^T [+ bias] -> requantize -> shiftmax_rel [mask] -> p v -> attn_normalize`` (``probs=1``) or the
     legacy ``... -> shiftmax(k_out=8) -> p v`` (``probs=0``) on int8 ``(B, H, N, d)``; int32 out."""
@@ -686,7 +687,7 @@ def _requantize_table_ref(x: Tensor, mult: Tensor, shift: Tensor, table: Tensor)
 
 
 @_op("requantize_table", ("x",), (ConstSpec("mult", (_I32,)), ConstSpec("shift", (_I32,)), ConstSpec("table", (_I8,))),
-     reference=_requantize_table_ref, fused=True)
+     reference=_requantize_table_ref, fused=True, since=2)
 def _requantize_table(c: Check) -> TType:
     """``table[requantize(x, mult, shift, 8) + 128]``: an int8 function of the requantized value (256 entries)."""
     x = c.input(0, (_I16, _I32))

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,68 +28,17 @@ import torch
 from torch import Tensor
 
 from .._io import atomic_path, check_output_path
+from .limits import Limits
 from .types import DTYPE_NAMES, ProgramError
+from .validate import validate
 
-__all__ = ["Node", "Program", "Limits", "FORMAT_VERSION", "READABLE_VERSIONS", "FORMAT1_OPS", "save_program",
-           "load_program", "parse_program_json"]
+__all__ = ["Node", "Program", "Limits", "FORMAT_VERSION", "READABLE_VERSIONS", "save_program", "load_program",
+           "parse_program_json"]
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-#: the ops a format-1 file may hold
-FORMAT1_OPS = frozenset({"patchify", "linear", "requantize", "add_requantize", "embed", "layernorm", "slice",
-                         "reshape", "permute", "roll", "pad", "matmul", "add_const", "shiftmax", "shiftgelu",
-                         "select", "mean"})
 _NODE_KEYS = frozenset({"op", "inputs", "output", "consts", "attrs"})
 _MAX_NAME = 200
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Resource bounds checked before a program runs.  Raise them explicitly for bigger models:
-    ``ivit.load(path, limits=Limits(max_const_bytes=8 << 30))`` or ``--limit max_const_bytes=8e9``.
-
-    Attributes:
-        max_file_bytes: size of an ``.ivit`` file.
-        max_header_bytes: size of its JSON header.
-        max_json_depth: nesting depth of the JSON header.
-        max_nodes: program nodes.
-        max_image_side: input height and width.
-        max_in_chans: input channels.
-        max_classes: output classes.
-        max_const_bytes: total bytes of the constants.
-        max_activation_bytes: peak bytes of live values per image while the program runs.
-        max_run_bytes: peak bytes of live values of a whole batch (checked at run time).
-        max_float_params: parameters of a float twin that ``ivit bench`` may build.
-    """
-
-    max_file_bytes: int = 8 << 30
-    max_header_bytes: int = 64 << 20
-    max_json_depth: int = 32
-    max_nodes: int = 50_000
-    max_image_side: int = 4096
-    max_in_chans: int = 16
-    max_classes: int = 1_000_000
-    max_const_bytes: int = 4 << 30
-    max_activation_bytes: int = 2 << 30
-    max_run_bytes: int = 16 << 30
-    max_float_params: int = 2_000_000_000
-
-    def with_overrides(self, items: list[str] | None) -> Limits:
-        """``["max_nodes=100000", "max_const_bytes=8e9"]`` -> a copy with those limits (one-line errors)."""
-        kw: dict[str, int] = {}
-        names = {f.name for f in fields(self)}
-        for item in items or []:
-            key, sep, val = item.partition("=")
-            if not sep or key not in names:
-                raise ProgramError(f"bad --limit {item!r}: use NAME=VALUE with NAME one of {', '.join(sorted(names))}")
-            try:
-                num = float(val)
-            except ValueError:
-                raise ProgramError(f"bad --limit {item!r}: {val!r} is not a number") from None
-            if not math.isfinite(num) or num < 1 or num > 2**62:
-                raise ProgramError(f"bad --limit {item!r}: must be in [1, 2**62]")
-            kw[key] = int(num)
-        return replace(self, **kw)
 
 
 @dataclass(frozen=True)
@@ -269,8 +218,6 @@ def save_program(prog: Program, path: str | os.PathLike[str]) -> Path:
     """Validate ``prog`` and write it to ``path`` atomically (temporary file in the same folder, then rename)."""
     from safetensors.torch import save
 
-    from .validate import validate
-
     path = check_output_path(path, ".ivit output")
     validate(prog)
     prog = replace(prog, format_version=FORMAT_VERSION)
@@ -323,8 +270,6 @@ def _read_consts(data: bytes, header: dict[str, Any], start: int, p: Path) -> di
 
 def load_program(path: str | os.PathLike[str], limits: Limits | None = None) -> Program:
     """Read and fully validate a ``.ivit`` file.  Any defect raises ``ProgramError`` (one line)."""
-    from .validate import validate
-
     limits = limits or Limits()
     p = Path(path)
     if not p.exists():

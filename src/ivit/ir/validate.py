@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from .limits import Limits
 from .opset import OPSET, Check
-from .program import FORMAT1_OPS, Limits, Node, Program
 from .types import DTYPE_NAMES, ProgramError, TType
+
+if TYPE_CHECKING:
+    from .program import Node, Program
 
 __all__ = ["validate", "ProgramInfo", "input_type"]
 
@@ -73,8 +77,8 @@ def _check_node_fields(i: int, node: Node, prog: Program) -> None:
     spec = OPSET.get(node.op)
     if spec is None:
         raise ProgramError(f"node {i}: unknown op {node.op!r}")
-    if prog.format_version == 1 and node.op not in FORMAT1_OPS and not spec.fused:
-        raise ProgramError(f"{where}: op not allowed in a format-1 file")
+    if prog.format_version < spec.since and not spec.fused:
+        raise ProgramError(f"{where}: op not allowed in a format-{prog.format_version} file")
     if len(node.inputs) != len(spec.inputs):
         raise ProgramError(f"{where}: expected {len(spec.inputs)} inputs, got {len(node.inputs)}")
     for cname, key in node.consts.items():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import ops
-from ..ir.trace import call
 from ..qtensor import QTensor, carry
+from ._run import run
 from .observers import RangeObserver
 
 __all__ = ["QAct"]
@@ -30,5 +30,5 @@ class QAct(nn.Module):
     def forward(self, x: QTensor) -> QTensor:
         self.observer.observe(x.dequantize())
         mult, shift, s = self.consts(x.scale)
-        q, name = call("requantize", [x], {"mult": mult, "shift": shift}, {"bits": self.bits})
+        q, name = run("requantize", [x], {"mult": mult, "shift": shift}, {"bits": self.bits})
         return QTensor(q, s, self.bits, None if x.value is None else carry(x.value, q, s), name)

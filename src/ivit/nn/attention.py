@@ -6,9 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
-from ..ir.trace import call
-from ..native import gemm
 from ..qtensor import QTensor, carry
+from ._run import run
 from .act import QAct
 from .linear import QLinear
 from .softmax import QShiftmax
@@ -79,14 +78,14 @@ class QAttention(nn.Module):
         k = self._heads(self.k_act(qkv.slice(-1, c, 2 * c)), n)
         v = self._heads(self.v_act(qkv.slice(-1, 2 * c, 3 * c)), n)
         s_scale = self.score_scale(q.scale, k.scale)
-        sq, sname = call("matmul", [q, k], attrs={"transpose_b": 1}, kernel=gemm.matmul)  # int32 (B, H, N, N)
+        sq, sname = run("matmul", [q, k], attrs={"transpose_b": 1})  # int32 (B, H, N, N)
         sv = None
         if q.value is not None:
             sv = q.value @ k.value.transpose(-1, -2) * self.sm_scale
             if rel_bias is not None:
                 sv = sv + rel_bias.to(sv.dtype)
         if rel_bias is not None:
-            sq, sname = call("add_const", [QTensor(sq, s_scale, 32, None, sname)],
+            sq, sname = run("add_const", [QTensor(sq, s_scale, 32, None, sname)],
                              {"const": self.rel_bias_int(rel_bias, s_scale)})
         scores = QTensor(sq, s_scale, 32, None if sv is None else carry(sv, sq, s_scale.to(sq.device)), sname)
         ctx = self.softmax(self.score_act(scores), v, mask)  # int32 (B, H, N, d)

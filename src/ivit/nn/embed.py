@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ir.trace import call
 from ..qtensor import QTensor, carry
+from ._run import run
 from .observers import RangeObserver
 
 __all__ = ["QEmbed"]
@@ -66,7 +66,7 @@ class QEmbed(nn.Module):
             with torch.no_grad():
                 self.observer.observe(self._float_tokens(acc.dequantize()))
         mult, shift, prefix, pos, s = self.consts(acc.scale)
-        q, name = call("embed", [acc], {"mult": mult, "shift": shift, "pos": pos, "prefix": prefix},
+        q, name = run("embed", [acc], {"mult": mult, "shift": shift, "pos": pos, "prefix": prefix},
                        {"bits": self.bits})
         value = None if acc.value is None else carry(self._float_tokens(acc.value), q, s)
         return QTensor(q, s, self.bits, value, name)

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ir.trace import call
 from ..qtensor import QTensor, carry
+from ._run import run
 
 __all__ = ["QShiftGELU"]
 
@@ -34,7 +34,7 @@ class QShiftGELU(nn.Module):
         if not x.per_tensor or x.bits > 8:
             raise ValueError("QShiftGELU needs an 8-bit per-tensor input")
         x0, n, s = self.consts(x.scale)
-        q, name = call("shiftgelu", [x], attrs={"x0": x0, "n": n, "k_out": self.k_sig})
+        q, name = run("shiftgelu", [x], attrs={"x0": x0, "n": n, "k_out": self.k_sig})
         value = None
         if x.value is not None:
             v = x.value

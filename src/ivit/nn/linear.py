@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ir.trace import call
-from ..native import gemm
 from ..qtensor import QTensor, carry
+from ._run import run
 
 __all__ = ["QLinear", "QPatchEmbed"]
 
@@ -71,7 +70,7 @@ class QLinear(nn.Module):
         w_int, s_w = self.int_weight()
         scale = s_w * x.scale.to(torch.float64)
         b_int = self.int_bias(scale)
-        acc, name = call("linear", [x], {"weight": w_int, "bias": b_int}, kernel=gemm.linear)
+        acc, name = run("linear", [x], {"weight": w_int, "bias": b_int})
         value = None
         if x.value is not None:
             w, bias = self.effective()
@@ -123,6 +122,6 @@ class QPatchEmbed(QLinear):
 
     def patchify(self, pixels: QTensor) -> QTensor:
         """uint8 pixels ``(B, C, H, W)`` -> int8 patches ``(B, L, C*p*p)`` (``ops.patchify``), scale 1."""
-        q, name = call("patchify", [pixels], attrs={"patch": self.patch})
+        q, name = run("patchify", [pixels], attrs={"patch": self.patch})
         track = pixels.value is not None
         return QTensor(q, pixels.scale, 8, q.to(torch.float32) if track else None, name)

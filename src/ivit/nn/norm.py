@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..config import LayerNormImpl
-from ..ir.trace import call
 from ..qtensor import QTensor, carry
+from ._run import run
 from .observers import RangeObserver
 
 __all__ = ["QLayerNorm"]
@@ -63,7 +63,7 @@ class QLayerNorm(nn.Module):
             with torch.no_grad():
                 self.observer.observe(F.layer_norm(x.dequantize(), (self.dim,), self.weight, self.bias, self.eps))
         mult, shift, offset, s = self.consts()
-        q, name = call(self.op, [x], {"mult": mult, "shift": shift, "offset": offset}, {"bits": self.bits})
+        q, name = run(self.op, [x], {"mult": mult, "shift": shift, "offset": offset}, {"bits": self.bits})
         value = None
         if x.value is not None:
             value = carry(F.layer_norm(x.value, (self.dim,), self.weight, self.bias, self.eps), q, s)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import ops
-from ..ir.trace import call
 from ..qtensor import QTensor, carry
+from ._run import run
 from .observers import RangeObserver
 
 __all__ = ["QResidualAdd"]
@@ -30,7 +30,7 @@ class QResidualAdd(nn.Module):
         if self.observer.observing:
             self.observer.observe(a.dequantize() + b.dequantize())
         ma, sa, mb, sb, s = self.consts(a.scale, b.scale)
-        q, name = call("add_requantize", [a, b], {"mult_a": ma, "shift_a": sa, "mult_b": mb, "shift_b": sb},
+        q, name = run("add_requantize", [a, b], {"mult_a": ma, "shift_a": sa, "mult_b": mb, "shift_b": sb},
                        {"bits": self.bits})
         value = None
         if a.value is not None and b.value is not None:

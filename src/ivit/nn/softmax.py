@@ -16,9 +16,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..config import Probs
 from ..ir.opset import expand_window_mask
-from ..ir.trace import call
-from ..native import gemm
 from ..qtensor import QTensor, carry
+from ._run import run
 
 __all__ = ["QShiftmax"]
 
@@ -48,13 +47,13 @@ class QShiftmax(nn.Module):
         """-> int32 ``(B, H, N, d)``: the attention context before ``ctx_act``."""
         x0, n, _ = self.consts(s.scale, s.q.shape[-1])
         if self.probs == Probs.REL8:
-            p, pname = call("shiftmax_rel", [s], {"mask": mask}, {"x0": x0})
+            p, pname = run("shiftmax_rel", [s], {"mask": mask}, {"x0": x0})
         else:
-            p, pname = call("shiftmax", [s], {"mask": mask}, {"x0": x0, "n": n, "k_out": self.k_out})
+            p, pname = run("shiftmax", [s], {"mask": mask}, {"x0": x0, "n": n, "k_out": self.k_out})
         pq = QTensor(p, torch.ones((), dtype=torch.float64), 8, None, pname)
-        acc, aname = call("matmul", [pq, v], attrs={"transpose_b": 0}, kernel=gemm.matmul)
+        acc, aname = run("matmul", [pq, v], attrs={"transpose_b": 0})
         if self.probs == Probs.REL8:
-            ctx, cname = call("attn_normalize", [QTensor(acc, v.scale, 32, None, aname), pq])
+            ctx, cname = run("attn_normalize", [QTensor(acc, v.scale, 32, None, aname), pq])
             scale = v.scale.to(torch.float64) * 2.0**-ops.CTX_FRAC_BITS
         else:
             ctx, cname = acc, aname

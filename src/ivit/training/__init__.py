@@ -1,0 +1,1 @@
+"""Training: the resumable, distributed trainer, checkpoints, run logs."""

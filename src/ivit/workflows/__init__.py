@@ -1,0 +1,1 @@
+"""Workflows as library code: train, PTQ, QAT, evaluate and the demo."""
