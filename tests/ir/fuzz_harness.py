@@ -171,8 +171,12 @@ def main() -> None:
             counts["refused"] += 1
             if k % 10 == 0:  # the CLI says the same in one line, exit 2
                 out, err = io.StringIO(), io.StringIO()
-                with redirect_stdout(out), redirect_stderr(err):
-                    rc = ivit.cli.main(["inspect", str(path)])
+                try:
+                    with redirect_stdout(out), redirect_stderr(err):
+                        rc = ivit.cli.main(["inspect", str(path)])
+                except BaseException as e:  # noqa: BLE001 - an escaping exception is a failure of the CLI
+                    failures.append(f"{desc}: cli inspect raised {type(e).__name__}: {str(e)[:200]}")
+                    continue
                 lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
                 if rc != 2 or len(lines) != 1 or not lines[0].startswith("ivit: error: "):
                     failures.append(f"{desc}: cli inspect rc={rc} stderr={err.getvalue()[:300]!r}")

@@ -60,7 +60,8 @@ def test_exporter_lowering_tables_cover_exactly_the_op_set() -> None:
 
 
 def _literal_op_names() -> set[tuple[str, str]]:
-    """``(file, op)`` for every ``call("op", ...)``, ``Node("op", ...)`` and ``OPSET["op"]`` in the source."""
+    """``(file, op)`` for every ``call("op", ...)``, ``run("op", ...)``, ``Node("op", ...)`` (and the other
+    op-dispatching helpers) and ``OPSET["op"]`` in the source."""
     found = set()
     for path in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -68,7 +69,7 @@ def _literal_op_names() -> set[tuple[str, str]]:
                     and isinstance(node.args[0].value, str):
                 fn = node.func
                 fname = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
-                if fname in ("call", "Node", "get_op"):
+                if fname in ("call", "run", "_move", "Node", "get_op", "_factory", "_ref"):
                     found.add((path.name, node.args[0].value))
             if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "OPSET" \
                     and isinstance(node.slice, ast.Constant):

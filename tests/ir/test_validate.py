@@ -36,8 +36,9 @@ def clone(p: Program) -> Program:
                    {k: v.clone() for k, v in p.consts.items()}, p.input, p.output, copy.deepcopy(p.meta))
 
 
-def first(p: Program, op: str) -> int:
-    return next(i for i, n in enumerate(p.nodes) if n.op == op)
+def first(p: Program, op: str, const: str | None = None) -> int:
+    """Index of the first ``op`` node (holding constant ``const``, if given)."""
+    return next(i for i, n in enumerate(p.nodes) if n.op == op and (const is None or const in n.consts))
 
 
 def set_attr(p: Program, op: str, name: str, value: object) -> Program:
@@ -49,7 +50,7 @@ def set_attr(p: Program, op: str, name: str, value: object) -> Program:
 
 def set_const(p: Program, op: str, cname: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Program:
     q = clone(p)
-    key = q.nodes[first(q, op)].consts[cname]
+    key = q.nodes[first(q, op, cname)].consts[cname]
     q.consts[key] = fn(q.consts[key])
     return q
 

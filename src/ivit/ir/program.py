@@ -244,19 +244,21 @@ def _read_consts(data: bytes, header: dict[str, Any], start: int, p: Path) -> di
         if name == "__metadata__":
             continue
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise ProgramError(f"tensor {name!r}: malformed entry: {p}")
+            raise ProgramError(f"invalid program in {p}: tensor {name!r}: malformed entry")
         dt = _ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dt is None:
-            raise ProgramError(f"tensor {name!r} has non-integer dtype {str(info['dtype'])[:20]}: {p}")
+            raise ProgramError(f"invalid program in {p}: tensor {name!r} has non-integer dtype "
+                               f"{str(info['dtype'])[:20]}")
         shape, offs = info["shape"], info["data_offsets"]
         if not (isinstance(shape, list) and len(shape) <= 8 and all(type(s) is int and 0 <= s < 2**40 for s in shape)):
-            raise ProgramError(f"tensor {name!r}: bad shape: {p}")
+            raise ProgramError(f"invalid program in {p}: tensor {name!r} has a bad shape")
         if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
                 and 0 <= offs[0] <= offs[1] <= body):
-            raise ProgramError(f"tensor {name!r}: data outside the file: {p}")
+            raise ProgramError(f"not an .ivit file (tensor {name!r} lies outside the file): {p}")
         esize = torch.empty((), dtype=dt).element_size()
         if math.prod(shape) * esize != offs[1] - offs[0]:
-            raise ProgramError(f"tensor {name!r}: {offs[1] - offs[0]} bytes for shape {shape}: {p}")
+            raise ProgramError(f"not an .ivit file (tensor {name!r}: {offs[1] - offs[0]} bytes for shape "
+                               f"{shape}): {p}")
         spans.append((offs[0], offs[1]))
         raw = bytearray(data[start + offs[0]:start + offs[1]])
         t = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
@@ -264,7 +266,7 @@ def _read_consts(data: bytes, header: dict[str, Any], start: int, p: Path) -> di
     spans.sort()
     for (_, e0), (s1, _) in zip(spans, spans[1:], strict=False):
         if s1 < e0:
-            raise ProgramError(f"overlapping tensor data: {p}")
+            raise ProgramError(f"not an .ivit file (overlapping tensor data): {p}")
     return consts
 
 

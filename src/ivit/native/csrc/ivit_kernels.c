@@ -283,32 +283,38 @@ static inline void shiftmax_row(int64_t *restrict e, int8_t *restrict p, int64_t
 DEF_SHIFTMAX(shiftmax_i16, int16_t)
 DEF_SHIFTMAX(shiftmax_i32, int32_t)
 
-/* Shiftmax-rel of one row (ops.shiftmax_rel): s holds the N scores, p gets uint8 probabilities relative to
- * the row maximum, the return value is their sum P.  M = floor(255 * 2^22 / |x0|).  Every intermediate fits
- * int32 (kept in int64 registers here).  A fully masked row gives p = 0, P = 0. */
-static inline int64_t shiftmax_rel_row(const int64_t *restrict s, uint8_t *restrict p, int64_t N, int64_t x0,
-                                       int64_t M, uint64_t inv, const uint8_t *restrict mr) {
-    int64_t mx = INT64_MIN;
-    for (int64_t j = 0; j < N; j++)
-        if (!mr || !mr[j]) mx = s[j] > mx ? s[j] : mx;
-    if (mx == INT64_MIN) {
-        for (int64_t j = 0; j < N; j++) p[j] = 0;
-        return 0;
+/* Shiftmax-rel of one row (ops.shiftmax_rel) in int32 lanes: s holds the N scores (|s| < 2^24), p gets
+ * uint8 probabilities relative to the row maximum, the return value is their sum P.  M = floor(255 * 2^22 /
+ * |x0|), |x0| <= 2^27.  Every intermediate fits int32 (see ops.shiftmax_rel): e' * M <= 255 * 2^22 and the
+ * rounding half is at most 2^30.  q = floor(I_p / x0) in [0, 9] is counted with compares (no division), so
+ * the loop vectorizes.  A fully masked row gives p = 0, P = 0. */
+static inline int64_t shiftmax_rel_row(const int32_t *restrict s, uint8_t *restrict p, int64_t N, int32_t x0,
+                                       int32_t M, const uint8_t *restrict mr) {
+    int32_t mx = INT32_MIN;
+    if (mr) {
+        for (int64_t j = 0; j < N; j++) {
+            int32_t v = mr[j] ? INT32_MIN : s[j];
+            mx = v > mx ? v : mx;
+        }
+        if (mx == INT32_MIN) mx = 0; /* every position masked: all outputs become 0 below */
+    } else {
+        for (int64_t j = 0; j < N; j++) mx = s[j] > mx ? s[j] : mx;
     }
-    int64_t total = 0;
-    const int64_t lo = 9 * x0;
+    const int32_t lo = 9 * x0;
+    int32_t total = 0;
     for (int64_t j = 0; j < N; j++) {
-        int64_t d = s[j] - mx;
+        int32_t d = s[j] - mx;
         d = d > 0 ? 0 : d;
-        int64_t xp = d + (d >> 1) - (d >> 4);
-        if (xp < lo) xp = lo;
-        int64_t q = udiv_small(-xp, -x0, inv); /* floor(xp / x0), in [0, 9] */
-        int64_t r = xp - q * x0;
-        int64_t e = (r >> 1) - x0;
-        int64_t sh = 22 + q;
-        int64_t v = (e * M + ((int64_t)1 << (sh - 1))) >> sh;
+        int32_t xp = d + (d >> 1) - (d >> 4);
+        xp = xp < lo ? lo : xp;
+        int32_t q = 0;
+        for (int32_t t = 1; t <= 9; t++) q += xp <= t * x0; /* floor(xp / x0) */
+        int32_t r = xp - q * x0;
+        int32_t e = (r >> 1) - x0;
+        int32_t sh = 22 + q;
+        int32_t v = (e * M + ((int32_t)1 << (sh - 1))) >> sh;
         v = v > 255 ? 255 : v;
-        if (mr && mr[j]) v = 0;
+        if (mr) v = mr[j] ? 0 : v;
         p[j] = (uint8_t)v;
         total += v;
     }
@@ -319,11 +325,10 @@ static inline int64_t shiftmax_rel_row(const int64_t *restrict s, uint8_t *restr
 #define DEF_SHIFTMAX_REL(NAME, TIN)                                                                \
     int NAME(const TIN *x, uint8_t *out, int64_t rows, int64_t N, int64_t x0, const uint8_t *mask,  \
              int64_t n_win, int64_t heads, int nt) {                                               \
-        const uint64_t inv = ((uint64_t)1 << 58) / (uint64_t)(-x0) + 1;                             \
-        const int64_t M = ((int64_t)255 << 22) / (-x0);                                            \
+        const int32_t M = (int32_t)(((int64_t)255 << 22) / (-x0));                                 \
         int failed = 0;                                                                            \
         _Pragma("omp parallel") {                                                                  \
-            int64_t *e = malloc(N * sizeof(int64_t));                                              \
+            int32_t *e = malloc(N * sizeof(int32_t));                                              \
             if (!e) {                                                                              \
                 _Pragma("omp atomic write") failed = 1;                                            \
             }                                                                                      \
@@ -333,8 +338,8 @@ static inline int64_t shiftmax_rel_row(const int64_t *restrict s, uint8_t *restr
                     const TIN *restrict xr = x + r * N;                                            \
                     const uint8_t *mr = 0;                                                         \
                     if (mask) mr = mask + (((r / (heads * N)) % n_win) * N + (r % N)) * N;         \
-                    for (int64_t j = 0; j < N; j++) e[j] = xr[j];                                  \
-                    shiftmax_rel_row(e, out + r * N, N, x0, M, inv, mr);                           \
+                    for (int64_t j = 0; j < N; j++) e[j] = (int32_t)xr[j];                         \
+                    shiftmax_rel_row(e, out + r * N, N, (int32_t)x0, M, mr);                       \
                 }                                                                                  \
             }                                                                                      \
             free(e);                                                                               \
@@ -447,7 +452,7 @@ int attention_i8(const int8_t *q, const int8_t *k, const int8_t *v, int32_t *ctx
                   int64_t s_mult, int64_t s_shift, int64_t s_qmax, int64_t x0, int64_t n, const uint8_t *mask,
                   int64_t n_win, int64_t mode, int nt) {
     const uint64_t inv = ((uint64_t)1 << 58) / (uint64_t)(-x0) + 1;
-    const int64_t rel_m = ((int64_t)255 << 22) / (-x0);
+    const int32_t rel_m = mode == 1 ? (int32_t)(((int64_t)255 << 22) / (-x0)) : 0;
     const int64_t n16 = (N + 15) / 16 * 16, n4 = (N + 3) / 4 * 4;
     int failed = 0;
 #pragma omp parallel
@@ -513,9 +518,9 @@ int attention_i8(const int8_t *q, const int8_t *k, const int8_t *v, int32_t *ctx
                     int64_t total = 0;
                     if (mode == 1) {
                         const int64_t half = (int64_t)1 << (s_shift - 1);
-                        for (int64_t j = 0; j < N; j++)
-                            e[j] = clamp64(((int64_t)srow[j] * s_mult + half) >> s_shift, -s_qmax, s_qmax);
-                        total = shiftmax_rel_row(e, prow, N, x0, rel_m, inv, mb ? mb + i * N : 0);
+                        for (int64_t j = 0; j < N; j++) /* requantize in place to the score width */
+                            srow[j] = (int32_t)clamp64(((int64_t)srow[j] * s_mult + half) >> s_shift, -s_qmax, s_qmax);
+                        total = shiftmax_rel_row(srow, prow, N, (int32_t)x0, rel_m, mb ? mb + i * N : 0);
                     } else {
                         softmax_row(srow, (int8_t *)prow, N, s_mult, s_shift, s_qmax, x0, n, inv,
                                     mb ? mb + i * N : 0, e);
