@@ -1,4 +1,5 @@
-"""Shared fixtures: small calibrated integer models built from timm modules."""
+"""Shared fixtures and helpers: small calibrated integer models built from timm modules, synthetic images,
+and quantized test tensors.  Importable from every test folder as ``from conftest import ...``."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch import Tensor
 
 import ivit
+from ivit import ops
 from ivit.models.base import QModel
+from ivit.qtensor import QTensor
 
 # Many small integer ops: one thread is faster and steadier than two on a busy 2-core machine.
-# (test_kernels.py runs the C kernels with two threads explicitly.)
+# (tests/backends/test_cpu.py runs the C kernels with two threads explicitly.)
 torch.set_num_threads(1)
 
 
@@ -25,14 +29,39 @@ def random_pixels(batch: int, size: int | tuple[int, int], seed: int = 0, chans:
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def make_qmodel(name: str, calib_batches: int = 2, batch: int = 4, seed: int = 0, **kwargs) -> QModel:
-    """A calibrated (eval mode) integer model of timm/custom model ``name`` with random init."""
+def make_qmodel(name: str, calib_batches: int = 2, batch: int = 4, seed: int = 0,
+                config: ivit.QuantConfig | None = None, **kwargs) -> QModel:
+    """A calibrated (eval mode) integer model of timm/custom model ``name`` with random init.
+
+    ``config`` is the ``QuantConfig`` (default ``QuantConfig()``); other keyword arguments go to
+    ``ivit.create_model``."""
     torch.manual_seed(seed)
     model = ivit.create_model(name, **kwargs)
-    q = ivit.quantize(model)
+    q = ivit.quantize(model, config)
     size = q.img_size
     ivit.calibrate(q, [random_pixels(batch, size, seed=seed + i) for i in range(calib_batches)])
     return q
+
+
+def quant(x: Tensor, bits: int, track: bool = False) -> QTensor:
+    """Symmetric per-tensor quantization of a float tensor (with an STE leaf carrier if ``track``)."""
+    scale = x.detach().abs().max().to(torch.float64) / ops.qmax(bits)
+    q = ops.quantize_symmetric(x.detach(), scale, bits)
+    value = None
+    if track:
+        value = (q.to(torch.float32) * scale.to(torch.float32)).requires_grad_(True)
+    return QTensor(q, scale, bits, value)
+
+
+def sqnr_db(ref: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``approx`` against ``ref`` in dB."""
+    ref, approx = ref.double(), approx.double()
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - approx).pow(2).mean().clamp(min=1e-30)))
+
+
+def exact_value(out: QTensor) -> Tensor:
+    """``q * scale`` in float32: what the STE carrier's forward value must be."""
+    return out.q.to(torch.float32) * out.scale.to(torch.float32)
 
 
 @pytest.fixture

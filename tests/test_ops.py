@@ -7,10 +7,15 @@ Three kinds of checks:
 * Error bounds: each op against the float function it approximates, on realistic inputs.  Every
   bound was measured first; the measured value is written next to the asserted bound.
 * Extremes, dtypes, devices and batch independence.
+
+Format-2 ops (``shiftmax_rel``, ``attn_normalize``, ``ilayernorm32``) get the same three kinds of checks,
+plus the documented bounds of their intermediates (asserted inside the big-int references) and the
+error of ``softmax(scores) @ V`` against the float function (the reason ``shiftmax_rel`` exists).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -129,6 +134,92 @@ def ref_ilayernorm(row: list[int], mult: list[int], shift: list[int], offset: li
     out = [ref_clamp(ref_round_half_up(p, s) + o, bits) for p, s, o in zip(zb, shift, offset, strict=True)]
     stats = {"var": var, "max_y": max(abs(v) for v in y), "max_yf": max(abs(v * factor) for v in y),
              "max_z": max(abs(v) for v in z), "max_zb": max(abs(v) for v in zb), "std": std}
+    return out, stats
+
+
+#: Shiftmax-rel / attn_normalize spec constants, written out (not imported).
+REL_M_NUM = 255 << 22  # M = floor(REL_M_NUM / |x0|)
+REL_QMAX = 9  # I_p >= 9 * x0: exponents below -9 (log2 units) give p = 0
+NORM_NUM = 2**30  # R = floor(NORM_NUM / P)
+CTX_FRAC = 16  # attn_normalize output: 16 fractional bits (shift 30 - 16 = 14)
+
+
+def ref_shiftmax_rel(row: list[int], x0: int, mask: list[bool] | None = None) -> list[int]:
+    """Shiftmax-rel of one row, steps 1-5 of ``ops.shiftmax_rel``; asserts every documented int32 bound."""
+    keep = [True] * len(row) if mask is None else [not mk for mk in mask]
+    if not any(keep):
+        return [0] * len(row)
+    assert all(abs(v) < 2**24 for v, k in zip(row, keep, strict=True) if k)  # the documented input range
+    assert -(2**27) <= x0 <= -1
+    mx = max(v for v, k in zip(row, keep, strict=True) if k)
+    m = REL_M_NUM // -x0
+    out = []
+    for v, k in zip(row, keep, strict=True):
+        if not k:
+            out.append(0)
+            continue
+        d = min(v - mx, 0)
+        assert -(2**25) < d <= 0
+        ip = max(d + (d >> 1) - (d >> 4), REL_QMAX * x0)
+        assert -(2**31) <= REL_QMAX * x0 and -(2**26) < ip <= 0
+        q = ip // x0
+        r = ip - q * x0
+        assert 0 <= q <= REL_QMAX and x0 < r <= 0
+        e = (r >> 1) - x0
+        assert 0 < e <= -x0
+        assert e * m <= REL_M_NUM < 2**30 and 22 + q <= 31  # e' * M in int32; shifts at most 31
+        out.append(min(ref_round_half_up(e * m, 22 + q), 255))
+    return out
+
+
+def ref_attn_normalize(acc: list[int], p: list[int]) -> list[int]:
+    """``round_half_up(acc * floor(2**30 / max(sum(p), 1)), 14)``; asserts the documented bounds when ``acc``
+    is ``p @ v`` of int8 ``v`` (``|acc| <= 128 * P``)."""
+    total = max(sum(p), 1)
+    assert total <= 255 * len(p)
+    r = NORM_NUM // total
+    out = []
+    for a in acc:
+        if abs(a) <= 128 * total:
+            assert abs(a * r) <= 2**37
+        v = ref_round_half_up(a * r, 30 - CTX_FRAC)
+        if abs(a) <= 128 * total:
+            assert abs(v) <= 2**23
+        out.append(v)
+    return out
+
+
+def ref_ilayernorm32(row: list[int], mult: list[int], shift: list[int], offset: list[int], bits: int
+                     ) -> tuple[list[int], dict[str, int]]:
+    """I-LayerNorm with 32-bit intermediates, steps 1-6 of ``ops.ilayernorm32``; asserts that every intermediate
+    but the two documented 64-bit products fits int32, and returns the output and the intermediates' extremes."""
+    c = len(row)
+    assert 1 <= c <= 8192 and all(abs(v) < 2**15 for v in row)
+    s = sum(row)
+    mean = (s + c // 2) // c
+    assert mean == (2 * s + c) // (2 * c)  # the docstring: the same round-half-up mean as ilayernorm
+    y = [v - mean for v in row]
+    b_c = (31 - (c - 1).bit_length()) // 2  # (c - 1).bit_length() = ceil(log2 C)
+    k = max(0, max(abs(v) for v in y).bit_length() - b_c)
+    yp = [v >> k for v in y]
+    r = [v - (w << k) for v, w in zip(y, yp, strict=True)]
+    a = sum(w * ri for w, ri in zip(yp, r, strict=True))
+    q = sum(ri * ri for ri in r)
+    var = sum(v * v for v in yp) + ((2 * a + (q >> k)) >> k)
+    assert var == sum(v * v for v in y) // 4**k  # the docstring: exactly floor(sum(y**2) / 4**k)
+    assert abs(a) < 2**29 and q < 2**29 and k <= 8
+    std = math.isqrt(var)
+    f = (INT32_MAX // max(std, 1)) >> k
+    z = [ref_round_half_up(v * f, 31 - LN_Z_BITS) for v in y]
+    zb = [ref_round_half_up(zi * b, sh) for zi, b, sh in zip(z, mult, shift, strict=True)]
+    out = [ref_clamp(v + o, bits) for v, o in zip(zb, offset, strict=True)]
+    stats = {"sum": abs(s), "max_y": max(abs(v) for v in y), "var": var, "std": std, "f": f,
+             "max_z": max(abs(v) for v in z), "max_zb": max(abs(v) for v in zb), "b_c": b_c, "k": k,
+             "max_yp": max(abs(v) for v in yp)}
+    assert b_c >= 9 and max(abs(v) for v in yp) <= 2**b_c
+    for key in ("sum", "max_y", "var", "std", "f", "max_z"):  # 32-bit intermediates
+        assert stats[key] < 2**31, (key, stats[key])
+    assert stats["max_z"] <= 2 ** (LN_Z_BITS + 1)  # |z| <= 2**21
     return out, stats
 
 
@@ -423,6 +514,8 @@ def test_int_matmul_exact_against_float64(transpose_b: bool) -> None:
 
 
 def test_int_linear_and_matmul_require_int8() -> None:
+    """int8 operands only; the one exception is ``int_matmul``'s left operand, which may be uint8 (the
+    ``shiftmax_rel`` probabilities)."""
     x8 = torch.zeros(2, 4, dtype=torch.int8)
     for bad in (torch.int16, torch.int32, torch.int64, torch.uint8, torch.float32):
         with pytest.raises(TypeError):
@@ -430,9 +523,31 @@ def test_int_linear_and_matmul_require_int8() -> None:
         with pytest.raises(TypeError):
             ops.int_linear(x8, x8.to(bad))
         with pytest.raises(TypeError):
-            ops.int_matmul(x8.to(bad), x8.t().contiguous())
-        with pytest.raises(TypeError):
             ops.int_matmul(x8, x8.to(bad), transpose_b=True)
+        if bad != torch.uint8:
+            with pytest.raises(TypeError):
+                ops.int_matmul(x8.to(bad), x8.t().contiguous())
+    assert ops.int_matmul(x8.to(torch.uint8), x8.t().contiguous()).dtype == torch.int32
+
+
+@pytest.mark.parametrize("k", [8, 577, 4096])
+def test_int_matmul_uint8_left_operand_exact(k: int) -> None:
+    """u8 x s8 -> int32 (probabilities @ values): exact at the extremes 255 x -128 (``|acc| <= K * 255 * 128``)."""
+    g = gen(39)
+    pick = torch.randint(0, 3, (2, 3, 5, k), generator=g)
+    a = torch.where(pick == 0, 255, torch.where(pick == 1, 0, torch.randint(0, 256, pick.shape, generator=g)))
+    a = a.to(torch.uint8)
+    b = _extreme_int8((2, 3, k, 6), seed=40)
+    a[0, 0, 0] = 255
+    b[0, 0, :, 0] = -128
+    b[0, 0, :, 1] = 127
+    out = ops.int_matmul(a, b)
+    assert out.dtype == torch.int32 and out.shape == (2, 3, 5, 6)
+    assert torch.equal(out.double(), a.double() @ b.double())
+    assert int(out[0, 0, 0, 0]) == -k * 255 * 128 and int(out[0, 0, 0, 1]) == k * 255 * 127
+    bt = b.transpose(-1, -2).contiguous()
+    assert torch.equal(ops.int_matmul(a, bt, transpose_b=True), out)
+    assert k * 255 * 128 < 2**31  # the documented limit K <= 2**16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -904,6 +1019,214 @@ def test_shiftmax_masked_row_equals_shiftmax_of_unmasked_subrow(k_out: int, dtyp
 
 
 # ---------------------------------------------------------------------------------------------
+# Shiftmax-rel and attn_normalize (probabilities relative to the row maximum)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_shiftmax_rel_matches_bigint(dtype: torch.dtype) -> None:
+    q, scale = attention_scores(24, 197, 3.0, seed=41)
+    q = q.to(dtype)
+    if dtype == torch.int32:  # scores up to the documented limit |I| < 2**24
+        q = (q.to(torch.int64) * 511).clamp(-(2**24) + 1, 2**24 - 1).to(dtype)
+        scale /= 511
+    x0 = ops.shift_exp_x0(scale)
+    mask = torch.rand(24, 197, generator=gen(42)) < 0.2
+    mask[0] = True  # fully masked row
+    mask[1] = False
+    mask[2] = True
+    mask[2, 100] = False  # a single unmasked position
+    out = ops.shiftmax_rel(q, x0)
+    out_m = ops.shiftmax_rel(q, x0, mask=mask)
+    assert out.dtype == torch.uint8 and out_m.dtype == torch.uint8
+    for r, row in enumerate(rows(q)):
+        assert out[r].tolist() == ref_shiftmax_rel(row, x0)
+        assert out_m[r].tolist() == ref_shiftmax_rel(row, x0, mask[r].tolist())
+    assert bool((out_m[mask] == 0).all())
+    assert out_m[0].tolist() == [0] * 197  # fully masked row: all 0
+    assert int(out_m[2, 100]) == 255 and int(out_m[2].sum()) == 255
+    # every row's maximum (over unmasked positions) gets 255
+    assert torch.equal(out.gather(-1, q.to(torch.int64).argmax(-1, keepdim=True)), torch.full((24, 1), 255,
+                                                                                               dtype=torch.uint8))
+    keep = ~mask[1:]
+    row_max = q[1:].to(torch.int64).masked_fill(~keep, -(2**40)).argmax(-1, keepdim=True)
+    assert bool((out_m[1:].gather(-1, row_max) == 255).all())
+
+
+@pytest.mark.parametrize("x0", [-1, -2, -3, -100, -1311, -7646, -(2**20), -(2**21)])
+def test_shiftmax_rel_row_max_gets_255(x0: int) -> None:
+    """``p ~= 255 * exp(S * d)``: every maximum of a row (ties included) is exactly 255 for ``|x0| <= 2**21``."""
+    q = randint(-30000, 30000, (16, 49), seed=43, dtype=torch.int16)
+    q[:, 7] = 30001
+    q[:3, 20] = 30001  # tied maxima
+    q[5] = 1234  # all equal: all 255
+    out = ops.shiftmax_rel(q, x0)
+    assert bool((out[:, 7] == 255).all()) and bool((out[:3, 20] == 255).all())
+    assert out[5].tolist() == [255] * 49
+    m = REL_M_NUM // -x0
+    assert ref_round_half_up(-x0 * m, 22) == 255
+
+
+@pytest.mark.parametrize("x0", [-(2**21) - 1, -3 * 2**20, -(2**22), -(2**23), -(2**25), -(2**27)])
+def test_shiftmax_rel_row_max_for_large_x0(x0: int) -> None:
+    q = torch.tensor([[0, -5, 3, 3], [7, 7, 7, 7]], dtype=torch.int32)
+    out = ops.shiftmax_rel(q, x0)
+    top = ref_round_half_up(-x0 * (REL_M_NUM // -x0), 22)
+    assert out[:, 2].tolist() == [top, top] and out[1].tolist() == [top] * 4  # the spec's value, exactly
+    # the docstring: 255 below 2**21 (ivit's models stay there), then the truncated M costs a little: 248 at 2**25
+    assert top >= (254 if -x0 <= 2**23 else 248 if -x0 <= 2**25 else 224)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 7e-4, 1e-2])
+def test_shiftmax_rel_approximates_relative_exp(scale: float) -> None:
+    x0 = ops.shift_exp_x0(scale)
+    lim = math.floor(9 * math.log(2) / scale / 1.02)  # exponents above the clamp at -9 (log2 units)
+    i = torch.arange(-lim, 1).unsqueeze(0)
+    p = ops.shiftmax_rel(i, x0)[0].double()
+    ideal = 255 * torch.exp(scale * i[0].double())
+    big = ideal >= 32
+    ratio = p[big] / ideal[big]
+    # measured [0.99777, 1.07991] (1e-4), [0.99857, 1.08034] (7e-4), [0.99295, 1.08208] (1e-2): ShiftExp's
+    # linear 2**f ~= 1 + f/2 (up to +6.2%) and 1.0111b ~= log2 e
+    assert float(ratio.min()) >= 0.99 and float(ratio.max()) <= 1.09
+    assert int(p[-1]) == 255
+
+
+def test_shiftmax_rel_extremes_and_clamped_exponents() -> None:
+    """Scores at the limit +-(2**24 - 1), the coarsest and finest x0: exact, and a clamped exponent
+    (``I_p = 9 * x0``) always gives 0 (``255 * 2**-9 < 1/2``)."""
+    hi = 2**24 - 1
+    pick = torch.rand(6, 64, generator=gen(44)) < 0.3
+    q = torch.where(pick, hi, -hi).to(torch.int32)
+    q[0] = -hi
+    q[0, 5] = hi  # a single huge value takes everything
+    q[1] = hi  # all equal
+    for x0 in (-1, -2, -1311, -(2**21), -(2**27)):
+        out = ops.shiftmax_rel(q, x0)
+        for r, row in enumerate(rows(q)):
+            assert out[r].tolist() == ref_shiftmax_rel(row, x0), (x0, r)
+        if x0 > -(2**21):  # the gap 2 * hi clamps every exponent below the top: all others exactly 0
+            assert out[0].tolist() == [0] * 5 + [255] + [0] * 58
+            assert bool((out[2:][~pick[2:]] == 0).all()) and bool((out[2:][pick[2:]] == 255).all())
+        assert len(set(out[1].tolist())) == 1
+    # every clamped exponent rounds to 0 whatever x0 is
+    for x0 in (-1, -7, -1000, -(2**20), -(2**27)):
+        assert ref_round_half_up(-x0 * (REL_M_NUM // -x0), 22 + REL_QMAX) == 0
+
+
+def test_shiftmax_rel_masked_row_equals_unmasked_subrow() -> None:
+    """Masked scores (huge or tiny) change nothing: the unmasked positions get the sub-row's probabilities."""
+    q, scale = attention_scores(12, 49, 3.0, seed=45)
+    q = q.to(torch.int32)
+    x0 = ops.shift_exp_x0(scale)
+    mask = torch.rand(12, 49, generator=gen(46)) < 0.4
+    mask[0] = False
+    mask[1, :-1] = True
+    for fill in (2**24 - 1, -(2**24) + 1):
+        qm = torch.where(mask, torch.tensor(fill, dtype=torch.int32), q)
+        out = ops.shiftmax_rel(qm, x0, mask=mask)
+        assert bool((out[mask] == 0).all())
+        for r in range(12):
+            keep = ~mask[r]
+            assert torch.equal(out[r, keep], ops.shiftmax_rel(q[r, keep], x0)), r
+    assert int(out[1, -1]) == 255
+
+
+def test_shiftmax_rel_mask_broadcasts() -> None:
+    q, scale = attention_scores(3, 49, 2.0, seed=47)
+    x0 = ops.shift_exp_x0(scale)
+    key_mask = torch.zeros(49, dtype=torch.bool)
+    key_mask[40:] = True
+    out = ops.shiftmax_rel(q, x0, mask=key_mask)
+    assert torch.equal(out, ops.shiftmax_rel(q, x0, mask=key_mask.expand(3, 49)))
+    assert bool((out[:, 40:] == 0).all()) and bool((out[:, :40].max(-1).values == 255).all())
+
+
+def test_shiftmax_rel_rejects_bad_x0_and_float() -> None:
+    with pytest.raises(ValueError):
+        ops.shiftmax_rel(torch.zeros(2, 3, dtype=torch.int16), 0)
+    with pytest.raises(TypeError):
+        ops.shiftmax_rel(torch.zeros(2, 3), -5)
+
+
+def test_attn_normalize_matches_bigint() -> None:
+    g = gen(48)
+    p = torch.randint(0, 256, (2, 3, 20, 20), generator=g).to(torch.uint8)
+    p[0, 0, 0] = 0  # fully masked row: P = 0
+    p[0, 0, 1] = 255  # all at 255
+    p[0, 0, 2] = 0
+    p[0, 0, 2, 3] = 1  # P = 1: the value itself, 16 fractional bits
+    v = _extreme_int8((2, 3, 20, 8), seed=49)
+    acc = ops.int_matmul(p, v)
+    out = ops.attn_normalize(acc, p)
+    assert out.dtype == torch.int32 and out.shape == acc.shape
+    for a_row, p_row, o_row in zip(rows(acc), rows(p), rows(out), strict=True):
+        assert o_row == ref_attn_normalize(a_row, p_row)
+    assert out[0, 0, 0].tolist() == [0] * 8
+    assert torch.equal(out[0, 0, 2], v[0, 0, 3].to(torch.int32) << CTX_FRAC)
+    # acc / P with 16 fractional bits: within 128 * P / 2**14 (the division's floor) + 1/2 LSB
+    total = p.to(torch.int64).sum(-1, keepdim=True).clamp(min=1)
+    ideal = acc.double() * 2**CTX_FRAC / total.double()
+    assert bool(((out.double() - ideal).abs() <= total.double() / 128 + 0.5).all())
+
+
+@pytest.mark.parametrize("n_tok", [1, 8, 197, 577])
+def test_attn_normalize_extremes(n_tok: int) -> None:
+    """p all 255 against v all -128 / 127 (the largest ``|acc| = 128 * P``), at up to 577 tokens."""
+    p = torch.full((2, n_tok, n_tok), 255, dtype=torch.uint8)
+    v = torch.full((2, n_tok, 4), -128, dtype=torch.int8)
+    v[:, :, 1] = 127
+    v[1, :, 2] = torch.where(torch.arange(n_tok) % 2 == 0, 127, -128).to(torch.int8)
+    acc = ops.int_matmul(p, v)
+    out = ops.attn_normalize(acc, p)
+    for a_row, p_row, o_row in zip(rows(acc), rows(p), rows(out), strict=True):
+        assert o_row == ref_attn_normalize(a_row, p_row)
+    r = NORM_NUM // (255 * n_tok)
+    assert r.bit_length() >= 13  # the docstring: R keeps >= 13 significant bits for N <= 577
+    assert abs(int(out[0, 0, 0]) + 2**23) <= 2**23 // r + 1  # -128 with 16 fractional bits, up to 1/R
+    assert int(out.abs().max()) <= 2**23
+
+
+# softmax(scores) @ V against the float function: relative Frobenius error of the context.
+ATTN_LENGTHS = [8, 49, 197, 577]
+ATTN_STDS = [0.5, 1.0, 4.0, 8.0]  # flat (0.5, 1) and peaked (4, 8) rows
+
+
+def attention_context_errors(length: int, std: float, seeds: int = 3) -> tuple[float, float]:
+    """Worst over seeds of ``||ctx - softmax(S q) @ V||_F / ||softmax(S q) @ V||_F`` for the new path
+    (``shiftmax_rel`` -> ``p @ v`` -> ``attn_normalize``) and the legacy one (Shiftmax k_out 8 -> ``p @ v``).
+    Scores: 64 rows of std ``std`` at 16 bits; V: float ``(N, 64)``, int8 (per tensor) for the integer paths."""
+    new = old = 0.0
+    for seed in range(seeds):
+        q, scale = attention_scores(64, length, std, seed=200 + seed)
+        v = torch.randn(length, 64, generator=gen(300 + seed), dtype=torch.float64)
+        s_v = float(v.abs().max()) / 127
+        v8 = ops.quantize_symmetric(v, s_v, 8)
+        ref = torch.softmax(scale * q.double(), dim=-1) @ v
+        x0 = ops.shift_exp_x0(scale)
+        p = ops.shiftmax_rel(q, x0)
+        ctx = ops.attn_normalize(ops.int_matmul(p, v8), p).double() * s_v * 2.0**-CTX_FRAC
+        p_old = ops.shiftmax(q, x0, ops.choose_shiftmax_n(x0, length), k_out=8)
+        ctx_old = ops.int_matmul(p_old, v8).double() * s_v * 2.0**-7
+        new = max(new, float((ctx - ref).norm() / ref.norm()))
+        old = max(old, float((ctx_old - ref).norm() / ref.norm()))
+    return new, old
+
+
+@pytest.mark.parametrize("std", ATTN_STDS)
+@pytest.mark.parametrize("length", ATTN_LENGTHS)
+def test_attention_context_error_vs_float(length: int, std: float) -> None:
+    """The stated bound: <= 5% at every length and score spread.  Measured (worst of 3 seeds), new / legacy:
+    N=8: 2.7 / 3.1% (std 0.5) .. 1.2 / 1.3% (8); N=49: 2.8 / 11.6%, 3.2 / 8.4%, 1.8 / 2.2%, 1.4 / 1.6%;
+    N=197: 2.3 / 49%, 2.9 / 28%, 2.0 / 3.0%, 1.5 / 2.0%; N=577: 2.7 / 96%, 3.1 / 59%, 2.3 / 3.9%, 1.8 / 2.7%
+    (about 1% of it is V's int8 rounding)."""
+    new, old = attention_context_errors(length, std)
+    assert new <= 0.05
+    if length >= 197 and std <= 1.0:  # flat long rows: the legacy absolute [0, 127] scale rounds most p to 0
+        assert old >= 0.25 and new <= old / 8
+
+
+# ---------------------------------------------------------------------------------------------
 # ShiftGELU
 # ---------------------------------------------------------------------------------------------
 
@@ -1121,6 +1444,157 @@ def test_ilayernorm_one_element_differs_normalizes_to_sqrt_c() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# I-LayerNorm with 32-bit intermediates
+# ---------------------------------------------------------------------------------------------
+
+
+def ln32_case(n_tok: int, c: int, seed: int, outlier: float) -> tuple[Tensor, float, Tensor, Tensor]:
+    """(I int16, S_in, gamma, beta): residual-like tokens (N(0, 2) + per-channel offsets); ``outlier > 1``
+    multiplies three channels by it (the systematic outlier channels of ViT residual streams)."""
+    g = gen(seed)
+    x = torch.randn(n_tok, c, generator=g, dtype=torch.float64) * 2
+    x = x + torch.randn(1, c, generator=g, dtype=torch.float64)
+    if outlier > 1:
+        x[:, 3:6] *= outlier
+    s_in = float(x.abs().max()) / 32767
+    g = gen(seed + 1)
+    gamma = torch.rand(c, generator=g, dtype=torch.float64) * 2 - 0.5
+    beta = torch.randn(c, generator=g, dtype=torch.float64) * 0.5
+    return ops.quantize_symmetric(x, s_in, 16), s_in, gamma, beta
+
+
+#: cases of ``ln32_case`` for the error tests: of seeds 0..39 (and 60..99 at 768 channels) they hold the worst
+#: ones of the earlier floor-shifted variance, 22 at 3072 channels x64 and 70 at 768 x64 (now 1.1695 and 1.0343 LSB)
+LN32_SEEDS = (2, 15, 22, 70)
+
+
+@functools.cache
+def ln32_errors(c: int, outlier: float) -> tuple[float, float, float, float]:
+    """Over the ``LN32_SEEDS`` cases of 197 tokens: (max |ilayernorm32 - LN| in output LSBs, the same for
+    ilayernorm, fraction of elements where the two integer ops agree, fraction of rows where they agree)."""
+    w32 = w64 = 0.0
+    same_el = same_rows = 0.0
+    for seed in LN32_SEEDS:
+        q, s_in, gamma, beta = ln32_case(197, c, seed, outlier)
+        ref = F.layer_norm(s_in * q.double(), (c,), gamma, beta, eps=1e-6)
+        s_out = float(ref.abs().max()) / 127
+        mult, shift, offset = ln_constants(gamma, beta, s_out)
+        o32 = ops.ilayernorm32(q, mult, shift, offset, bits=8)
+        o64 = ops.ilayernorm(q, mult, shift, offset, bits=8)
+        assert o32.dtype == torch.int8
+        assert int((o32.to(torch.int16) - o64.to(torch.int16)).abs().max()) <= 1
+        w32 = max(w32, float((o32.double() - ref / s_out).abs().max()))
+        w64 = max(w64, float((o64.double() - ref / s_out).abs().max()))
+        same_el += float((o32 == o64).double().mean()) / len(LN32_SEEDS)
+        same_rows += float((o32 == o64).all(-1).double().mean()) / len(LN32_SEEDS)
+    return w32, w64, same_el, same_rows
+
+
+@pytest.mark.parametrize("c,outlier", [(768, 1.0), (768, 64.0), (3072, 1.0), (3072, 64.0)])
+def test_ilayernorm32_error_vs_layernorm(c: int, outlier: float) -> None:
+    """Within 1.2 output LSB of float LayerNorm (0.5 final rounding + 0.5 offset rounding + the std from the
+    shifted deviations).  Measured over LN32_SEEDS, ilayernorm32 / ilayernorm: 768: 0.9991 / 0.9991,
+    768 x64: 1.0343 / 1.0059, 3072: 1.0039 / 1.0039, 3072 x64: 1.1695 / 1.0029."""
+    w32, w64, _, _ = ln32_errors(c, outlier)
+    assert w64 <= 1.05
+    assert w32 <= 1.2
+
+
+@pytest.mark.parametrize("c,outlier", [(768, 1.0), (768, 64.0), (3072, 1.0), (3072, 64.0)])
+def test_ilayernorm32_error_measured_bound(c: int, outlier: float) -> None:
+    """What ilayernorm32 achieves today (see test_ilayernorm32_error_vs_layernorm): within 0.05 LSB of the
+    64-bit ilayernorm without outlier channels, within 0.2 LSB with them."""
+    w32, w64, _, _ = ln32_errors(c, outlier)
+    assert w32 <= w64 + (0.05 if outlier == 1.0 else 0.2)
+
+
+@pytest.mark.parametrize("c,outlier", [(768, 1.0), (768, 64.0), (3072, 1.0), (3072, 64.0)])
+def test_ilayernorm32_agrees_with_ilayernorm(c: int, outlier: float) -> None:
+    """The two differ only in z's rounding (floor vs half up) and the shifted variance: by at most 1 LSB
+    (asserted in ``ln32_errors``), on well under 1% of the elements.  A 3072-wide row has many chances to
+    differ once, so "equal rows" is only a majority at 768 channels.  Measured equal elements / rows: 99.91% / 56%
+    (768), 99.96% / 75% (768 x64), 99.90% / 17% (3072), 99.94% / 29% (3072 x64)."""
+    _, _, same_el, same_rows = ln32_errors(c, outlier)
+    assert same_el >= 0.995
+    if c == 768:
+        assert same_rows >= 0.5
+
+
+@pytest.mark.parametrize("c", [192, 768, 3072])
+@pytest.mark.parametrize("outlier", [1.0, 64.0])
+def test_ilayernorm32_matches_bigint(c: int, outlier: float) -> None:
+    q, s_in, gamma, beta = ln32_case(8, c, seed=80, outlier=outlier)
+    ref = F.layer_norm(s_in * q.double(), (c,), gamma, beta, eps=1e-6)
+    mult, shift, offset = ln_constants(gamma, beta, float(ref.abs().max()) / 127)
+    mb, sb, ob = mult.tolist(), shift.tolist(), offset.tolist()
+    out = ops.ilayernorm32(q, mult, shift, offset, bits=8)
+    out16 = ops.ilayernorm32(q, mult, shift, offset, bits=16)
+    assert out16.dtype == torch.int16
+    ks = set()
+    for r, row in enumerate(rows(q)):
+        want, st = ref_ilayernorm32(row, mb, sb, ob, 8)
+        assert out[r].tolist() == want
+        assert out16[r].tolist() == ref_ilayernorm32(row, mb, sb, ob, 16)[0]
+        ks.add(st["k"])
+    assert max(ks) > 0  # the rows do exercise the shifted variance
+
+
+def test_ilayernorm32_extreme_rows_and_intermediate_bounds() -> None:
+    """+-32767 rows up to the documented 8192 channels, one-element-differs rows, C = 1 and 2: exact, and every
+    intermediate but the two 64-bit products inside int32 (asserted in ``ref_ilayernorm32``)."""
+    rnd = random.Random(81)
+    cases: list[list[int]] = [[5], [-32767], [32767, -32767], [3, 4]]
+    for c in (192, 768, 2048, 3072, 8192):
+        cases += [
+            [32767] * (c // 2) + [-32767] * (c - c // 2),
+            [(-1) ** j * 32767 for j in range(c)],
+            [-32767] * (c - 1) + [32767],
+            [32767] * (c - 1) + [-32767],
+            [5] * (c - 1) + [6],
+            [-32767] * 7 + [-32766] + [-32767] * (c - 8),
+            [rnd.choice((-32767, 32767, rnd.randint(-32767, 32767))) for _ in range(c)],
+        ]
+    worst_var = 0
+    for row in cases:
+        c = len(row)
+        mult = [2**31 - 1 if j % 2 else -(2**31) + 1 for j in range(c)]
+        shift = [31 + j % 32 for j in range(c)]
+        offset = [(-1) ** j * 50 for j in range(c)]
+        want, st = ref_ilayernorm32(row, mult, shift, offset, 8)
+        worst_var = max(worst_var, st["var"])
+        got = ops.ilayernorm32(torch.tensor([row], dtype=torch.int16), torch.tensor(mult), torch.tensor(shift),
+                               torch.tensor(offset), bits=8)
+        assert got.tolist() == [want], c
+    assert 2**30 < worst_var < 2**31  # the bound is nearly reached (alternating +-32767 rows of 2048)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+def test_ilayernorm32_constant_tokens_give_offset(dtype: torch.dtype) -> None:
+    c = 384
+    mult = randint(-(2**31) + 1, 2**31 - 1, (c,), seed=82)
+    shift = randint(20, 62, (c,), seed=83)
+    offset = randint(-300, 300, (c,), seed=84)  # some beyond qmax: clamped
+    info = torch.iinfo(dtype)
+    vals = (0, 1, -1, info.max, -info.max, 100)
+    x = torch.stack([torch.full((c,), v, dtype=dtype) for v in vals])
+    out = ops.ilayernorm32(x, mult, shift, offset, bits=8)
+    assert out.tolist() == [offset.clamp(-127, 127).tolist()] * len(vals)
+    one = ops.ilayernorm32(torch.tensor([[100], [-7]], dtype=dtype), mult[:1], shift[:1], offset[:1], bits=16)
+    assert one.tolist() == [[int(offset[0])], [int(offset[0])]]  # C = 1: y = 0 always
+
+
+def test_ilayernorm32_one_element_differs_normalizes_to_sqrt_c() -> None:
+    c = 768
+    row = torch.full((1, c), -100, dtype=torch.int16)
+    row[0, 3] = 20000
+    s_out = math.sqrt(c - 1) / 127
+    mult, shift, offset = ln_constants(torch.ones(c), torch.zeros(c), s_out)
+    out = ops.ilayernorm32(row, mult, shift, offset)
+    assert int(out[0, 3]) == 127
+    assert set(out[0, :3].tolist() + out[0, 4:].tolist()) == {round(-1 / math.sqrt(c - 1) / s_out)}
+
+
+# ---------------------------------------------------------------------------------------------
 # dtypes, devices, batch independence
 # ---------------------------------------------------------------------------------------------
 
@@ -1143,6 +1617,11 @@ ROW_OPS: dict[str, tuple[Callable[[Tensor], Tensor], torch.dtype | None]] = {
     "shiftmax16": (lambda x: ops.shiftmax(x, _SM_X0, 12, k_out=16), torch.int16),
     "shiftgelu": (lambda x: ops.shiftgelu(x, _GELU_X0, ops.choose_shiftgelu_n(_GELU_X0)), torch.int32),
     "ilayernorm": (lambda x: ops.ilayernorm(x, _LN_MULT, _LN_SHIFT, _LN_OFF), torch.int8),
+    "ilayernorm32": (lambda x: ops.ilayernorm32(x, _LN_MULT, _LN_SHIFT, _LN_OFF), torch.int8),
+    "shiftmax_rel": (lambda x: ops.shiftmax_rel(x, _SM_X0), torch.uint8),
+    # acc rows normalized by the row sums of a uint8 p computed from the same row
+    "attn_normalize": (lambda x: ops.attn_normalize(x, (x.to(torch.int64).abs() % 251).to(torch.uint8)),
+                       torch.int32),
     "isqrt": (lambda x: ops.isqrt(x.abs()), torch.int64),
     "int_mean": (lambda x: ops.int_mean(x, -1), None),  # None: keeps the input dtype
     "int_linear": (lambda x: ops.int_linear(x.to(torch.int8), _W8, _B32), torch.int32),
@@ -1217,10 +1696,17 @@ def _device_cases() -> list[tuple[str, Callable[[torch.device], Tensor]]]:
     sm_n = ops.choose_shiftmax_n(_SM_X0, 197)
     gelu_n = ops.choose_shiftgelu_n(_GELU_X0)
     px = randint(0, 255, (1, 3, 32, 32), seed=67, dtype=torch.uint8)
+    p8 = ops.shiftmax_rel(x16.reshape(3, 1, 197)[:, :, :64].expand(3, 64, 64).contiguous(), _SM_X0)
+    v8 = randint(-128, 127, (3, 64, 32), seed=68, dtype=torch.int8)
     return [
         ("shiftmax", lambda d: ops.shiftmax(x16.to(d), _SM_X0, sm_n)),
         ("shiftgelu", lambda d: ops.shiftgelu(x8.to(d), _GELU_X0, gelu_n)),
         ("ilayernorm", lambda d: ops.ilayernorm(ln_q.to(d), ln_m.to(d), ln_s.to(d), ln_o.to(d))),
+        ("ilayernorm32", lambda d: ops.ilayernorm32(ln_q.to(d), ln_m.to(d), ln_s.to(d), ln_o.to(d))),
+        ("shiftmax_rel", lambda d: ops.shiftmax_rel(x16.to(d), _SM_X0)),
+        ("attn_normalize", lambda d: ops.attn_normalize(
+            ops.int_matmul(p8.to(d), v8.to(d)), p8.to(d))),
+        ("int_matmul_u8", lambda d: ops.int_matmul(p8.to(d), v8.to(d))),
         ("isqrt", lambda d: ops.isqrt(torch.tensor(_isqrt_hard_values()[:2000], device=d))),
         ("int_linear", lambda d: ops.int_linear(x8.to(d), w8.to(d))),
         ("int_matmul", lambda d: ops.int_matmul(x8.to(d), x8.to(d), transpose_b=True)),

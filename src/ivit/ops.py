@@ -280,7 +280,8 @@ def shiftmax_rel(x: Tensor, x0: int, mask: Tensor | None = None) -> Tensor:
     4. ``e' = (r >> 1) - x0``                               (``2**(S*r) ~= S*r/2 + 1``, times ``|x0|``);
     5. ``p = min(round_shift(e' * M, 22 + q), 255)`` with ``M = floor(255 * 2**22 / |x0|)``.
 
-    So ``p ~= 255 * exp(S * d)``: the row maximum gets 255 (254 for ``|x0| >= 2**21``) and every other
+    So ``p ~= 255 * exp(S * d)``: the row maximum gets 255 for ``|x0| < 2**21`` (ivit's models keep
+    ``S >= 2**-21``; beyond, the truncated ``M`` costs precision, e.g. 248 at ``2**25``) and every other
     position its probability *relative to the maximum*, with 8 bits wherever it matters (the old
     Shiftmax's absolute ``[0, 127]`` scale leaves most of a flat 197-token row at 0 or 1).  Masked
     positions get 0.  The absolute scale cancels in ``attn_normalize``, which divides by ``sum(p)``.
@@ -404,17 +405,20 @@ def ilayernorm32(x: Tensor, mult: Tensor, shift: Tensor, offset: Tensor, bits: i
     Per row of ``C`` channels (``C <= 8192``), gamma/beta folded as in ``ilayernorm``:
 
     1. ``mean = floor((sum(I) + floor(C / 2)) / C)`` (= ``ilayernorm``'s round-half-up mean), ``y = I - mean``;
-    2. ``k = max(0, bitlen(max|y|) - B_C)`` with ``B_C = floor((31 - ceil(log2 C)) / 2)``, ``y' = y >> k``;
-    3. ``var' = sum(y'**2) < 2**31``, ``std' = isqrt(var')`` (exact);
+    2. ``k = max(0, bitlen(max|y|) - B_C)`` with ``B_C = floor((31 - ceil(log2 C)) / 2)``;
+       ``y = y' * 2**k + r`` with ``y' = y >> k`` and ``0 <= r < 2**k``;
+    3. ``V = sum(y'**2) + ((2 * sum(y' * r) + (sum(r**2) >> k)) >> k)``, which is exactly
+       ``floor(sum(y**2) / 4**k) < 2**31``; ``std' = isqrt(V) = floor(sqrt(sum(y**2)) / 2**k)`` (exact);
     4. ``F = floor((2**31 - 1) / max(std', 1)) >> k``;
     5. ``z = round_shift(y * F, 11)``  (``z ~= y / std * 2**20``, ``|z| <= 2**21``);
     6. ``out[c] = clamp(round_shift(z * b[c], c_c) + offset[c], -qmax, qmax)``.
 
-    Only the standard deviation is computed from the shifted ``y'`` (at least ``B_C >= 9`` bits of
-    the row's largest deviation); ``z`` uses the full-precision ``y``.  Every intermediate fits
-    int32 except the products ``y * F`` and ``z * b``, which are 32 x 32 -> 64-bit multiplies
-    immediately shifted back (as TOSA's ``MUL``/``RESCALE`` and a Cortex-M ``SMULL`` do).  Constant
-    tokens give ``out = offset``.  Input ``|I| < 2**15`` (int8/int16).
+    The variance is the exact one, scaled by ``4**-k``: only ``std'`` loses the ``k`` low bits of the
+    standard deviation (it keeps at least ``B_C >= 9`` bits), and ``z`` uses the full-precision ``y``.
+    Every intermediate fits int32 (``|y| < 2**16``, so ``|y' * r| < 2**16`` and ``|sum(y' * r)| < 2**29``;
+    ``k <= 8``, so ``sum(r**2) < 2**29``) except the products ``y * F`` and ``z * b``, which are 32 x 32 ->
+    64-bit multiplies immediately shifted back (as TOSA's ``MUL``/``RESCALE`` and a Cortex-M ``SMULL`` do).
+    Constant tokens give ``out = offset``.  Input ``|I| < 2**15`` (int8/int16).
     """
     xi = _i64(x)
     c = xi.shape[-1]
@@ -423,7 +427,11 @@ def ilayernorm32(x: Tensor, mult: Tensor, shift: Tensor, offset: Tensor, bits: i
     y = xi - mean
     k = (_bit_length(y.abs().amax(dim=-1, keepdim=True)) - _ln_bits(c)).clamp_(min=0)
     yp = y >> k
-    std = isqrt((yp * yp).sum(dim=-1, keepdim=True))
+    r = y - (yp << k)
+    a = (yp * r).sum(dim=-1, keepdim=True)
+    q = (r * r).sum(dim=-1, keepdim=True)
+    v = (yp * yp).sum(dim=-1, keepdim=True) + ((2 * a + (q >> k)) >> k)
+    std = isqrt(v)
     f = torch.div(INT32_MAX, std.clamp(min=1), rounding_mode="floor") >> k
     z = round_shift(y * f, 31 - LN_Z_BITS)
     m = qmax(bits)

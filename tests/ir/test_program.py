@@ -1,8 +1,9 @@
-"""Tests for ``ivit.program``: the frozen program, its static checker and the ``.ivit`` file format.
+"""Tests for ``ivit.ir.program``: the frozen program, its static validation (``ivit.ir.validate``) and the
+``.ivit`` file format (version 2; version 1 still reads).
 
 The file format must round-trip exactly, and every damaged file (truncated at any byte, a flipped
 byte in the header or in the tensor data, a wrong version, a pickle in disguise, a random file)
-must raise one ``IvitError`` line: loading never executes anything and never returns a wrong
+must raise one ``ProgramError`` line: loading never executes anything and never returns a wrong
 program.
 """
 
@@ -12,6 +13,7 @@ import inspect
 import json
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 import ivit
-from ivit import program as program_mod
-from ivit.program import FORMAT_VERSION, OPS, Node, Program, check_program, load_program, save_program
+from ivit.ir import OPSET, Node, Program, ProgramError, load_program, save_program, validate
+from ivit.ir import program as program_mod
+from ivit.ir.program import FORMAT_VERSION, READABLE_VERSIONS
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def tiny_program(seed: int = 0) -> Program:
@@ -77,6 +82,14 @@ def small_real_program() -> Program:
     return ivit.freeze(make_qmodel("vit_test", embed_dim=16, depth=1))
 
 
+@pytest.fixture(scope="module")
+def swin_program() -> Program:
+    """A real Swin program: bool mask constants, roll / pad / add_const nodes."""
+    from conftest import make_qmodel
+
+    return ivit.freeze(make_qmodel("swin_test", depths=(2, 1), num_heads=(2, 2)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Round trips
 
@@ -96,15 +109,20 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert prog.num_parameters() == 5 * 48 + 5 and prog.nbytes() == 5 * 48 + 5 * 4
 
 
-def test_real_program_round_trip(tmp_path: Path, small_real_program: Program) -> None:
-    prog = small_real_program
+@pytest.mark.parametrize("which", ["vit", "swin"])
+def test_real_program_round_trip(tmp_path: Path, small_real_program: Program, swin_program: Program,
+                                 which: str) -> None:
+    prog = small_real_program if which == "vit" else swin_program
     loaded = load_program(prog.save(tmp_path / "m.ivit"))
     assert_programs_equal(prog, loaded)
-    assert loaded.graph_json() == prog.graph_json()
+    assert loaded.graph_json() == prog.graph_json() and loaded.format_version == FORMAT_VERSION
+    if which == "swin":
+        assert any(t.dtype == torch.bool for t in loaded.consts.values())
     from conftest import random_pixels
 
     x = random_pixels(3, 32, seed=4)
-    assert torch.equal(ivit.Engine(loaded, backend="reference")(x), ivit.Engine(prog, backend="reference")(x))
+    for backend in ("reference", "cpu"):
+        assert torch.equal(ivit.Engine(loaded, backend=backend)(x), ivit.Engine(prog, backend="reference")(x))
 
 
 def test_file_is_safetensors_with_versioned_program(tmp_path: Path) -> None:
@@ -114,7 +132,7 @@ def test_file_is_safetensors_with_versioned_program(tmp_path: Path) -> None:
         md = f.metadata()
         assert set(f.keys()) == {"w", "b"}
         assert f.get_tensor("w").dtype == torch.int8
-    assert md["format"] == "ivit" and md["format_version"] == str(FORMAT_VERSION) == "1"
+    assert md["format"] == "ivit" and md["format_version"] == str(FORMAT_VERSION) == "2"
     assert len(md["checksum"]) == 64 and int(md["checksum"], 16) >= 0
     graph = json.loads(md["program"])
     assert [n["op"] for n in graph["nodes"]] == ["patchify", "linear", "mean"]
@@ -164,7 +182,7 @@ def test_save_refuses_invalid_program(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Static checker
+# Static validation
 
 
 def _mutated(fn) -> Program:  # noqa: ANN001
@@ -195,7 +213,7 @@ CHECK_CASES = {
         lambda p: p.nodes.__setitem__(1, Node("linear", ("p",), "acc", {"weight": "w", "scale": "b"}, {})),
         "unexpected constant",
     ),
-    "const_not_in_file": (lambda p: p.consts.pop("b"), "missing from file"),
+    "const_not_in_file": (lambda p: p.consts.pop("b"), "missing from the file"),
     "float32_const": (
         lambda p: p.consts.__setitem__("b", p.consts["b"].to(torch.float32)),
         "non-integer dtype",
@@ -229,17 +247,56 @@ CHECK_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CHECK_CASES))
-def test_check_program_rejects(case: str) -> None:
+def test_validate_rejects(case: str) -> None:
+    """Each defect of an in-memory program is refused by ``validate`` with one line saying what is wrong."""
     fn, match = CHECK_CASES[case]
+    with pytest.raises(ProgramError, match=match) as e:
+        validate(_mutated(fn))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case", sorted(CHECK_CASES))
+def test_damaged_programs_are_never_loaded(tmp_path: Path, case: str) -> None:
+    """The same defects in a file (with a valid checksum) are refused by ``load_program``, each in one line."""
+    fn, _ = CHECK_CASES[case]
     prog = _mutated(fn)
-    with pytest.raises(ivit.IvitError, match=match):
-        check_program(prog)
+    graph = prog.graph_json()
+    consts = {k: v.contiguous() for k, v in prog.consts.items()}
+    path = write_raw(tmp_path / "bad.ivit", consts, valid_metadata(graph, consts))
+    with pytest.raises(ProgramError) as e:
+        load_program(path)
+    assert "\n" not in str(e.value)
 
 
-def test_check_program_accepts_valid_and_real(small_real_program: Program) -> None:
-    check_program(tiny_program())
-    check_program(small_real_program)
-    assert {n.op for n in small_real_program.nodes} <= set(OPS)
+def test_validate_accepts_valid_and_real(small_real_program: Program, swin_program: Program) -> None:
+    info = validate(tiny_program())
+    assert info.output.describe() == "int32(B, 5)" and info.types["p"].describe() == "int8(B, 4, 48)"
+    for prog in (small_real_program, swin_program):
+        validate(prog)
+        assert {n.op for n in prog.nodes} <= set(OPSET)
+
+
+# ---------------------------------------------------------------------------------------------
+# Format 1 (ivit 0.1)
+
+
+def test_format1_fixtures_load_with_their_version() -> None:
+    assert READABLE_VERSIONS == (1, 2)
+    for name in ("vit_test", "swin_test"):
+        prog = load_program(FIXTURES / f"{name}_v1.ivit")
+        assert prog.format_version == 1 and prog.meta["family"] == name.split("_")[0]
+        validate(prog)
+
+
+def test_format1_file_with_a_format2_op_is_refused(tmp_path: Path, small_real_program: Program) -> None:
+    """A version-1 file may hold only the ops of version 1 (``layernorm32``, ``shiftmax_rel``, ``attn_normalize``
+    came with version 2)."""
+    graph = small_real_program.graph_json()
+    consts = {k: v.contiguous() for k, v in small_real_program.consts.items()}
+    assert {"layernorm32", "shiftmax_rel"} <= {n.op for n in small_real_program.nodes}
+    path = write_raw(tmp_path / "v1.ivit", consts, valid_metadata(graph, consts, format_version="1"))
+    with pytest.raises(ProgramError, match="format-1"):
+        load_program(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +363,7 @@ def test_corrupt_header_json(tmp_path: Path) -> None:
     data = bytearray(tiny_program().save(tmp_path / "t.ivit").read_bytes())
     data[8] = ord("[")  # header JSON starts with '{'
     (tmp_path / "bad.ivit").write_bytes(bytes(data))
-    with pytest.raises(ivit.IvitError, match="not a valid .ivit file"):
+    with pytest.raises(ivit.IvitError, match="not an .ivit file"):
         load_program(tmp_path / "bad.ivit")
 
 
@@ -322,7 +379,7 @@ def test_bad_header_length(tmp_path: Path, hlen: int) -> None:
 def test_wrong_format_version(tmp_path: Path) -> None:
     prog = tiny_program()
     graph = prog.graph_json()
-    for version in ("0", "2", "1.0", ""):
+    for version in ("0", "3", "1.0", "", "02", " 2"):
         path = write_raw(
             tmp_path / "v.ivit", prog.consts, valid_metadata(graph, prog.consts, format_version=version)
         )
@@ -409,7 +466,10 @@ def test_pickle_files_are_rejected_without_executing(tmp_path: Path) -> None:
 
 
 def test_loader_source_has_no_pickle_path() -> None:
-    for mod in (program_mod, ivit.engine):
+    import ivit.backends.engine
+    import ivit.ir.validate
+
+    for mod in (program_mod, ivit.backends.engine, sys.modules["ivit.ir.validate"]):
         src = inspect.getsource(mod)
         assert "import pickle" not in src and "torch.load(" not in src and "eval(" not in src
 

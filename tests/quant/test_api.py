@@ -1,5 +1,6 @@
-"""Tests for ``ivit.api``: the public workflow create_model -> quantize -> calibrate -> freeze -> load,
-observer semantics over calibration, checkpoints, and import hygiene."""
+"""Tests for ``ivit.quant.api`` and ``ivit.models.factory``: the public workflow create_model -> quantize ->
+calibrate -> freeze -> load (in both ``QuantConfig.probs`` modes), observer semantics over calibration,
+timm checkpoints, and import hygiene."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from torch import nn
 
 import ivit
 from conftest import random_pixels
-from ivit.layers import RangeObserver
 from ivit.models.base import QModel
+from ivit.nn import RangeObserver
 
 
 def observer_state(q: nn.Module) -> dict[str, torch.Tensor]:
@@ -174,17 +175,29 @@ def test_eval_forward_never_updates_observers() -> None:
 # Whole workflow
 
 
-def test_workflow_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("probs,layernorm", [("rel8", "int32"), ("shiftmax8", "int64")])
+def test_workflow_end_to_end(tmp_path: Path, probs: str, layernorm: str) -> None:
     model = ivit.create_model("vit_test")
-    qmodel = ivit.quantize(model, ivit.QuantConfig())
+    qmodel = ivit.quantize(model, ivit.QuantConfig(probs=probs, layernorm=layernorm))
     ivit.calibrate(qmodel, [random_pixels(8, 32, seed=i) for i in range(2)])
     program = ivit.freeze(qmodel)
+    ops_used = {n.op for n in program.nodes}
+    assert ("shiftmax_rel" in ops_used) == (probs == "rel8") and ("shiftmax" in ops_used) == (probs == "shiftmax8")
+    assert ("layernorm32" in ops_used) == (layernorm == "int32")
     program.save(tmp_path / "model.ivit")
     engine = ivit.load(tmp_path / "model.ivit")
+    assert engine.backend == "cpu"
     x = random_pixels(4, 32, seed=20)
     logits = engine(x)
     assert logits.dtype == torch.int32 and torch.equal(logits, qmodel.logits(x))
     assert ivit.verify_integer_only(engine).ok
+
+
+def test_quantize_keeps_the_config_and_moves_to_the_model_device() -> None:
+    cfg = ivit.QuantConfig(probs="shiftmax8", residual_bits=12)
+    q = ivit.quantize(ivit.create_model("vit_test"), cfg)
+    assert q.config is cfg and q.blocks[0].attn.softmax.probs == ivit.Probs.SHIFTMAX8
+    assert next(q.parameters()).device.type == "cpu"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +256,7 @@ def test_checkpoint_pickle_payload_not_executed(tmp_path: Path) -> None:
 
 def test_import_does_not_initialize_cuda() -> None:
     code = (
-        "import ivit, ivit.cli, ivit.engine, ivit.kernels, ivit.demo, ivit.train\n"
+        "import ivit, ivit.cli, ivit.backends, ivit.native.kernels, ivit.workflows.demo, ivit.training\n"
         "import torch\n"
         "ivit.QuantConfig(); ivit.list_models()\n"
         "print(torch.cuda.is_initialized())\n"

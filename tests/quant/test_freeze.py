@@ -1,7 +1,8 @@
-"""Tests for ``ivit.freeze``: a calibrated model becomes an integer ``Program`` that computes exactly
-what the model computes in eval mode, with nothing float inside and the model left untouched.
+"""Tests for ``ivit.quant.freeze``: a calibrated model becomes an integer ``Program`` (its own forward, traced)
+that computes exactly what the model computes in eval mode, with nothing float inside and the model left
+untouched.
 
-(Family x size x batch x backend bit-exactness is in ``test_engine.py``.)
+(Family x size x batch x backend bit-exactness is in ``tests/backends/test_engine.py``.)
 """
 
 from __future__ import annotations
@@ -15,23 +16,35 @@ from torch import nn
 
 import ivit
 from conftest import make_qmodel, random_pixels
-from ivit.engine import Engine
-from ivit.freeze import Builder, emit
+from ivit import Engine
+from ivit.ir import OPSET, validate
+from ivit.ir.trace import Tracer, call
 from ivit.models.base import QModel
-from ivit.program import OPS, check_program
+from ivit.nn import QShiftGELU
+from ivit.qtensor import QTensor
+
+#: (probs, layernorm) -> (probability op, layernorm op)
+MODES = {("rel8", "int32"): ("shiftmax_rel", "layernorm32"), ("shiftmax8", "int64"): ("shiftmax", "layernorm"),
+         ("rel8", "int64"): ("shiftmax_rel", "layernorm"), ("shiftmax8", "int32"): ("shiftmax", "layernorm32")}
 
 
-def test_program_structure_of_vit_test(tiny_vit: QModel) -> None:
-    prog = ivit.freeze(tiny_vit)
-    check_program(prog)
-    depth = tiny_vit.meta["depth"]
+@pytest.mark.parametrize("probs,layernorm", sorted(MODES))
+def test_program_structure_of_vit_test(probs: str, layernorm: str) -> None:
+    q = make_qmodel("vit_test", config=ivit.QuantConfig(probs=probs, layernorm=layernorm))
+    prog = ivit.freeze(q)
+    validate(prog)
+    depth = q.meta["depth"]
     counts = Counter(n.op for n in prog.nodes)
-    assert set(counts) <= set(OPS)
+    assert set(counts) <= set(OPSET) and not any(OPSET[op].fused for op in counts)  # fusions are backend passes
+    sm_op, ln_op = MODES[(probs, layernorm)]
     assert counts["patchify"] == 1 and counts["embed"] == 1 and counts["select"] == 1
     assert counts["linear"] == 1 + 4 * depth + 1  # patch embed, (qkv, proj, fc1, fc2) per block, head
-    assert counts["shiftmax"] == depth and counts["shiftgelu"] == depth
-    assert counts["layernorm"] == 2 * depth + 1 and counts["add_requantize"] == 2 * depth
+    assert counts[sm_op] == depth and counts["shiftgelu"] == depth
+    assert counts["attn_normalize"] == (depth if probs == "rel8" else 0)
+    assert counts[ln_op] == 2 * depth + 1 and counts["add_requantize"] == 2 * depth
     assert counts["matmul"] == 2 * depth
+    assert counts["layernorm" if ln_op == "layernorm32" else "layernorm32"] == 0
+    assert counts["shiftmax" if sm_op == "shiftmax_rel" else "shiftmax_rel"] == 0
     assert prog.nodes[0].inputs == ("pixels",) and prog.input == "pixels"
     assert prog.output == prog.nodes[-1].output
     assert all(t.dtype in (torch.int8, torch.int32, torch.bool) for t in prog.consts.values())
@@ -41,6 +54,17 @@ def test_program_structure_of_vit_test(tiny_vit: QModel) -> None:
             w = prog.consts[node.consts["weight"]]
             assert w.dtype == torch.int8 and int(w.min()) >= -127
             assert prog.consts[node.consts["bias"]].dtype == torch.int32
+    x = random_pixels(3, 32, seed=1)
+    assert torch.equal(Engine(prog, backend="reference")(x), q.logits(x))
+
+
+def test_constants_are_named_after_their_modules(tiny_vit: QModel) -> None:
+    prog = ivit.freeze(tiny_vit)
+    names = set(prog.consts)
+    for key in ("head.weight", "head.bias", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.bias", "norm.mult",
+                "embed.pos", "embed.prefix", "patch_embed.weight"):
+        assert key in names, key
+    assert all(not k.startswith("model.") for k in names)
 
 
 def test_meta(tiny_vit: QModel) -> None:
@@ -95,26 +119,65 @@ def test_freeze_rejects_non_qmodel() -> None:
         ivit.freeze(ivit.create_model("vit_test"))  # the float model
 
 
-def test_emit_unknown_module_raises(tiny_vit: QModel) -> None:
-    with pytest.raises(ivit.IvitError, match="no freeze rule"):
-        emit(Builder(tiny_vit), nn.ReLU(), None)
+class _UntracedGELU(QShiftGELU):
+    """Computes its integers outside ``ivit.ir.trace.call``: the result has no program value."""
+
+    def forward(self, x: QTensor) -> QTensor:
+        out = super().forward(x)
+        return QTensor(out.q.clone(), out.scale, out.bits, out.value, None)
 
 
-def test_builder_guards() -> None:
-    b = Builder(nn.Identity())
-    b.const("a", torch.tensor([1, 2]), torch.int8)
-    with pytest.raises(RuntimeError, match="duplicate"):
-        b.const("a", torch.tensor([1]), torch.int8)
-    with pytest.raises(ValueError, match="does not fit"):
-        b.const("big", torch.tensor([128]), torch.int8)
-    with pytest.raises(ValueError, match="does not fit"):
-        b.const("big32", torch.tensor([2**31]), torch.int32)
-    assert b.consts["a"].dtype == torch.int8 and b.consts["a"].is_contiguous()
+class _EditedGELU(QShiftGELU):
+    """Records its op, then changes the integers behind the program's back."""
+
+    def forward(self, x: QTensor) -> QTensor:
+        out = super().forward(x)
+        return QTensor(out.q * 2, out.scale, out.bits, out.value, out.name)
 
 
-def test_qat_then_freeze_is_bitexact() -> None:
+@pytest.mark.parametrize("cls,match", [(_UntracedGELU, "outside the traced ops"), (_EditedGELU, "disagrees")])
+def test_an_op_outside_the_trace_is_caught(tiny_vit: QModel, cls: type, match: str) -> None:
+    """The program is the traced forward: integers computed outside ``call`` make freeze fail, never a wrong
+    program (the untraced value has no name; an edited value fails the self-check against the model)."""
+    q = make_qmodel("vit_test", depth=1)
+    old = q.blocks[0].mlp.gelu
+    new = cls(old.k_sig, old.n_max, old.quick)
+    q.blocks[0].mlp.gelu = new
+    with pytest.raises(RuntimeError, match=match):
+        ivit.freeze(q)
+
+
+def test_self_check_can_be_skipped(tiny_vit: QModel) -> None:
+    a = ivit.freeze(tiny_vit, self_check=False)
+    assert a.graph_json() == ivit.freeze(tiny_vit).graph_json()
+
+
+def test_traced_constants_are_stored_in_the_op_set_dtypes() -> None:
+    """Constants become the dtype the op set prescribes (checked to fit), get unique names and are copies."""
+    x = QTensor(torch.zeros(2, 3, dtype=torch.int8), torch.ones((), dtype=torch.float64), 8, None, "pixels")
+    w = torch.tensor([[1, -2, 3]], dtype=torch.int64)
+    with Tracer(nn.Identity()) as t:
+        call("linear", [x], {"weight": w, "bias": torch.tensor([5])})
+        call("linear", [x], {"weight": w})
+        with pytest.raises(ValueError, match="does not fit"):
+            call("linear", [x], {"weight": torch.tensor([[128, 0, 0]])})
+        with pytest.raises(ValueError, match="does not fit"):
+            call("linear", [x], {"weight": w, "bias": torch.tensor([2**31])})
+        with pytest.raises(TypeError, match="float"):
+            call("linear", [x], {"weight": w.to(torch.float32)})
+    assert list(t.consts) == ["model.weight", "model.bias", "model.weight_1"]
+    assert t.consts["model.weight"].dtype == torch.int8 and t.consts["model.bias"].dtype == torch.int32
+    assert all(c.is_contiguous() for c in t.consts.values())
+    w[0, 0] = 100
+    assert int(t.consts["model.weight"][0, 0]) == 1  # a copy
+    assert [n.op for n in t.nodes] == ["linear", "linear"] and t.nodes[0].inputs == ("pixels",)
+    assert "bias" not in t.nodes[1].consts  # an absent optional constant
+
+
+@pytest.mark.parametrize("probs", ["rel8", "shiftmax8"])
+def test_qat_then_freeze_is_bitexact(probs: str) -> None:
     """After QAT steps (weights and ranges moved), the program still equals the model."""
-    q = make_qmodel("vit_test", seed=3, depth=1)
+    q = make_qmodel("vit_test", seed=3, depth=1, config=ivit.QuantConfig(probs=probs))
     x = random_pixels(8, 32, seed=4)
     y = torch.arange(8) % 10
     opt = torch.optim.SGD(q.parameters(), lr=0.5)
@@ -131,7 +194,7 @@ def test_qat_then_freeze_is_bitexact() -> None:
     assert len(changed) > len(after.consts) // 2
     xt = random_pixels(5, 32, seed=5)
     assert torch.equal(Engine(after, backend="reference")(xt), q.logits(xt))
-    assert torch.equal(Engine(after, backend="fast")(xt), q.logits(xt))
+    assert torch.equal(Engine(after, backend="cpu")(xt), q.logits(xt))
 
 
 def test_per_tensor_weights_and_narrow_residual() -> None:
@@ -145,3 +208,18 @@ def test_per_tensor_weights_and_narrow_residual() -> None:
             assert node.attrs["bits"] == 12
     x = random_pixels(3, 32, seed=6)
     assert torch.equal(Engine(prog, backend="reference")(x), q.logits(x))
+
+
+def test_freeze_with_24_bit_scores() -> None:
+    """score_bits may be 9..24 (QuantConfig); every allowed config must freeze."""
+    q = make_qmodel("vit_test", depth=1, config=ivit.QuantConfig(score_bits=24))
+    prog = ivit.freeze(q)
+    x = random_pixels(2, 32, seed=7)
+    assert torch.equal(Engine(prog, backend="reference")(x), q.logits(x))
+
+
+def test_freeze_with_24_bit_scores_legacy_probs() -> None:
+    q = make_qmodel("vit_test", depth=1, config=ivit.QuantConfig(score_bits=24, probs="shiftmax8"))
+    prog = ivit.freeze(q)
+    x = random_pixels(2, 32, seed=7)
+    assert torch.equal(Engine(prog, backend="cpu")(x), q.logits(x))

@@ -1,4 +1,4 @@
-"""PTQ search: per-layer clipping ranges, ShiftExp shifts and LayerNorm channel balancing."""
+"""Tests for ``ivit.quant.ptq``: per-layer clipping ranges, ShiftExp shifts and LayerNorm channel balancing."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from torch.utils.data import Subset
 import ivit
 from ivit import data
 from ivit.errors import IvitError
-from ivit.layers import QShiftGELU, QShiftmax, RangeObserver
-from ivit.ptq import balance_layernorms, ptq, reset_observers, search
-from ivit.train import CHECKPOINT_NAME, FloatWrapper, TrainConfig, Trainer
+from ivit.nn import QShiftGELU, QShiftmax, RangeObserver
+from ivit.quant.ptq import balance_layernorms, ptq, reset_observers, search
+from ivit.training.trainer import CHECKPOINT_NAME, FloatWrapper, TrainConfig, Trainer
 
 
 def _batches(n: int = 2, size: int = 32) -> list[torch.Tensor]:
@@ -24,6 +24,8 @@ def _batches(n: int = 2, size: int = 32) -> list[torch.Tensor]:
 
 
 def _float_model(outlier_scale: float = 1.0) -> torch.nn.Module:
+    """``vit_test`` with a random LayerNorm affine (and optional outlier channels moved into the next linear layer,
+    which keeps the float function)."""
     torch.manual_seed(0)
     m = ivit.create_model("vit_test")
     g = torch.Generator().manual_seed(0)

@@ -107,6 +107,8 @@ def _check_node_fields(i: int, node: Node, prog: Program) -> None:
                 raise ProgramError(f"{where}: attribute {a} must be one integer")
             vals = [v]
         for x in vals:
+            if not isinstance(x, int):  # bool is an int (0/1); floats and strings are not
+                raise ProgramError(f"{where}: attribute {a} = {str(x)[:40]!r} is not integer")
             if not asp.lo <= int(x) <= asp.hi:
                 raise ProgramError(f"{where}: attribute {a} = {x} outside [{asp.lo}, {asp.hi}]")
     for asp in spec.attrs:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..config import QuantConfig
+from ..config import Probs, QuantConfig
 from ..qtensor import QTensor, carry
 from ._run import run
 from .act import QAct
 from .linear import QLinear
-from .softmax import QShiftmax
+from .softmax import SCORE_MIN_SCALE, QShiftmax
 
 __all__ = ["QAttention"]
 
@@ -38,7 +38,8 @@ class QAttention(nn.Module):
         self.q_act = QAct(cfg.act_bits, cfg.momentum)
         self.k_act = QAct(cfg.act_bits, cfg.momentum)
         self.v_act = QAct(cfg.act_bits, cfg.momentum)
-        self.score_act = QAct(cfg.score_bits, cfg.momentum)
+        rel = cfg.probs == Probs.REL8
+        self.score_act = QAct(cfg.score_bits, cfg.momentum, min_scale=SCORE_MIN_SCALE if rel else 0.0)
         self.softmax = QShiftmax(cfg.softmax_bits, cfg.shiftmax_n_max, cfg.probs)
         self.ctx_act = QAct(cfg.act_bits, cfg.momentum)
         self.proj = QLinear(dim, dim, True, pc)

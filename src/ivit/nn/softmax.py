@@ -19,7 +19,12 @@ from ..ir.opset import expand_window_mask
 from ..qtensor import QTensor, carry
 from ._run import run
 
-__all__ = ["QShiftmax"]
+__all__ = ["QShiftmax", "SCORE_MIN_SCALE"]
+
+#: smallest score scale ``rel8`` probabilities are computed at: ``|x0| = floor(1/S) <= 2**21`` keeps the row
+#: maximum at 255 (``ops.shiftmax_rel``); finer scores are requantized to it first (``QAttention`` observes its
+#: scores with this floor, so that requantization never appears in its programs)
+SCORE_MIN_SCALE = 2.0**-21
 
 
 class QShiftmax(nn.Module):
@@ -45,6 +50,12 @@ class QShiftmax(nn.Module):
 
     def forward(self, s: QTensor, v: QTensor, mask: Tensor | None = None) -> QTensor:
         """-> int32 ``(B, H, N, d)``: the attention context before ``ctx_act``."""
+        if self.probs == Probs.REL8 and float(s.scale) < SCORE_MIN_SCALE:
+            mult, shift = ops.dyadic(s.scale.to(torch.float64) / SCORE_MIN_SCALE)
+            bits = max(9, min(s.bits, 24))
+            q, name = run("requantize", [s], {"mult": mult, "shift": shift}, {"bits": bits})
+            ms = torch.tensor(SCORE_MIN_SCALE, dtype=torch.float64)
+            s = QTensor(q, ms, bits, None if s.value is None else carry(s.value, q, ms.to(q.device)), name)
         x0, n, _ = self.consts(s.scale, s.q.shape[-1])
         if self.probs == Probs.REL8:
             p, pname = run("shiftmax_rel", [s], {"mask": mask}, {"x0": x0})

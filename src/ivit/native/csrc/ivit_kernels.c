@@ -188,11 +188,16 @@ void layernorm32_i16_i8(const int16_t *x, int8_t *out, int64_t rows, int64_t C, 
         }
         int64_t k = bitlen64((uint64_t)amax) - bc;
         k = k < 0 ? 0 : k;
-        int64_t var = 0;
+        /* V = floor(sum(y^2) / 4^k) exactly, from y = y' 2^k + r: sum y'^2 + ((2 sum y' r + (sum r^2 >> k)) >> k) */
+        int64_t v2 = 0, a = 0, q = 0;
         for (int64_t c = 0; c < C; c++) {
-            int64_t y = (xr[c] - mean) >> k;
-            var += y * y;
+            int64_t y = xr[c] - mean;
+            int64_t yp = y >> k, r = y - (yp << k);
+            v2 += yp * yp;
+            a += yp * r;
+            q += r * r;
         }
+        const int64_t var = v2 + ((2 * a + (q >> k)) >> k);
         const int64_t sd = isqrt64(var);
         const int64_t f = (2147483647LL / (sd < 1 ? 1 : sd)) >> k;
         const int64_t *restrict mm = m64, *restrict hh = h64, *restrict ss = s64;
