@@ -154,17 +154,25 @@ def verify_integer_only(engine: Engine, batch: int = 1, seed: int = 0) -> Intege
     rec = _AtenRecorder()
     try:
         with rec:
-            engine.run(pixels, trace=trace)
+            if engine.compiled is not None:  # one native call: the output's dtype is the only value seen
+                trace(len(engine.executed.nodes) - 1, engine.run(pixels))
+            else:
+                engine.run(pixels, trace=trace)
     except Exception as e:  # noqa: BLE001 - any failure of the run is a failed proof, reported in one line
         proof.run_error = f"running the program failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     proof.aten_ops, proof.float_ops, proof.value_dtypes = rec.ops, rec.float_ops, dtypes
 
+    paths = []
     if engine.backend_def.native and native.available():
+        paths.append(native.library_path())
+    if engine.compiled is not None:
+        paths += engine.compiled.libraries
+    if paths:
         proof.native_used = True
-        path = native.library_path()
-        proof.native_library = str(path)
+        proof.native_library = ", ".join(str(p) for p in paths)
         try:
-            proof.native_fp = native.fp_instructions(path)
+            for p in paths:
+                proof.native_fp += native.fp_instructions(p)
         except RuntimeError as e:
             proof.native_error = str(e)
     return proof

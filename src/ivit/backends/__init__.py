@@ -1,8 +1,8 @@
 """Backends that run integer programs, and the engine that asks their registry."""
 
 from . import cpu, reference  # noqa: F401  (register the backends)
-from .base import BACKENDS, Backend, backend_names, get_backend, register_backend
+from .base import BACKENDS, Backend, Compiled, backend_names, get_backend, register_backend
 from .engine import DEFAULT_BACKEND, Engine, load
 
-__all__ = ["BACKENDS", "Backend", "backend_names", "get_backend", "register_backend", "DEFAULT_BACKEND", "Engine",
-           "load"]
+__all__ = ["BACKENDS", "Backend", "Compiled", "backend_names", "get_backend", "register_backend", "DEFAULT_BACKEND",
+           "Engine", "load"]

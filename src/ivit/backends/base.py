@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
 
 from ..errors import IvitError
 from ..ir.interpret import KernelFactory
+from ..ir.program import Program
+from ..ir.validate import ProgramInfo
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "BACKENDS"]
+__all__ = ["Backend", "Compiled", "register_backend", "get_backend", "backend_names", "BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class Backend:
         description: one line for ``ivit inspect`` and error messages.
         native: whether kernels run machine code outside aten (the integer-only proof then also
             disassembles it, see ``ivit.verify``).
+        compile: optional whole-program hook ``compile(program, info, consts) -> Compiled``: the backend
+            runs the program as one native call instead of one step per node (``kernels`` is then unused).
     """
 
     name: str
@@ -40,6 +48,17 @@ class Backend:
     description: str = ""
     native: bool = False
     aliases: tuple[str, ...] = field(default=())
+    compile: Callable[[Program, ProgramInfo, Mapping[str, Tensor]], Compiled] | None = None
+
+
+@dataclass
+class Compiled:
+    """A whole program compiled by a backend: ``run(pixels) -> output`` and the native files it executes
+    (disassembled by the integer-only proof)."""
+
+    run: Callable[[Tensor], Tensor]
+    libraries: list[Path] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 BACKENDS: dict[str, Backend] = {}

@@ -21,7 +21,7 @@ from ..ir.limits import Limits
 from ..ir.passes import apply_passes
 from ..ir.program import Program, load_program
 from ..ir.validate import validate
-from .base import Backend, get_backend
+from .base import Backend, Compiled, get_backend
 
 __all__ = ["Engine", "load", "DEFAULT_BACKEND"]
 
@@ -65,7 +65,12 @@ class Engine:
         self.executed = apply_passes(program, self.backend_def.passes)
         self.info = validate(self.executed, self.limits)
         self.consts = {k: v.to(self.device) for k, v in self.executed.consts.items()}
-        self.steps = interpret.plan(self.executed, self.info.types, self.consts, self.backend_def.kernels())
+        self.compiled: Compiled | None = None
+        if self.backend_def.compile is not None:
+            self.compiled = self.backend_def.compile(self.executed, self.info, self.consts)
+            self.steps: list[interpret.Step] = []
+        else:
+            self.steps = interpret.plan(self.executed, self.info.types, self.consts, self.backend_def.kernels())
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -84,6 +89,11 @@ class Engine:
         if need > self.limits.max_run_bytes:
             raise IvitError(f"batch of {pixels.shape[0]} needs {need} bytes (limit max_run_bytes="
                             f"{self.limits.max_run_bytes}); use smaller batches")
+        if self.compiled is not None:
+            if trace is not None:
+                raise IvitError(f"backend {self.backend} runs the program as one native call: no per-node trace")
+            with torch.inference_mode():
+                return self.compiled.run(pixels.to(self.device))
         return interpret.run(self.executed, self.steps, pixels.to(self.device), trace)
 
     def __call__(self, pixels: Tensor, dequantize: bool = False) -> Tensor:
