@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 import ivit
+from conftest import make_qmodel, random_pixels
 from ivit import data
 from ivit.errors import IvitError
 from ivit.nn import QShiftGELU, QShiftmax, RangeObserver
@@ -132,3 +133,32 @@ def test_reset_observers_and_bad_input() -> None:
         search(_float_model(), _batches(1))
     with pytest.raises(IvitError, match="no calibration data"):
         search(q, [])
+
+
+def test_search_replays_finished_blocks_with_identical_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The segment cache changes the cost, never the result: same program, fewer block forwards."""
+    from ivit.models.vit import QBlock
+    from ivit.quant import ptq as ptq_mod
+
+    calls = [0]
+    forward = QBlock.forward
+
+    def counting(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls[0] += 1
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(QBlock, "forward", counting)
+    xs = [random_pixels(8, 32, seed=s) for s in range(2)]
+    programs, counts = [], []
+    for cached in (True, False):
+        if not cached:
+            monkeypatch.setattr(ptq_mod, "_segments", lambda m: [])
+        q = make_qmodel("vit_test", depth=3)
+        calls[0] = 0
+        ptq_mod.search(q, xs)
+        counts.append(calls[0])
+        programs.append(ivit.freeze(q, self_check=False))
+    a, b = programs
+    assert a.graph_json() == b.graph_json()
+    assert all(torch.equal(a.consts[k], b.consts[k]) for k in a.consts)
+    assert counts[0] < 0.7 * counts[1], counts
