@@ -332,12 +332,6 @@ def test_freeze_save_load(tmp_path: Path, small: QSwin) -> None:
     assert engine.meta["family"] == "swin" and engine.meta["arch"]["depths"] == [2, 2]
 
 
-_INSPECT_BUG = ("src bug: cli.py main() checks every int-like option with getattr(args, name, 0) < 0, but "
-                "'inspect --limit' is a list (action='append', default=[]), so 'ivit inspect FILE' always raises "
-                "TypeError: '<' not supported between instances of 'list' and 'int'")
-
-
-@pytest.mark.xfail(strict=True, reason=_INSPECT_BUG)
 def test_inspect(tmp_path: Path, small: QSwin, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "swin.ivit"
     ivit.freeze(small, name="swin_test").save(path)

@@ -148,18 +148,18 @@ class Check:
         t = self.consts[name]
         return 0 if t.numel() == 0 else int(t.to(torch.int64).abs().max())
 
-    def dyadic(self, mult: str, shift: str, c: int) -> tuple[int, int]:
+    def dyadic(self, mult: str, shift: str, c: int) -> tuple[Tensor, Tensor]:
         """A requantization pair: same shape (scalar or per channel), ``|b| < 2**31``, ``1 <= c <= 62``.
 
-        Returns ``(max |b|, min c)``."""
+        Returns the constants as int64 tensors (for ``requant_bound``)."""
         m = self.channels(mult, c)
         s = self.channels(shift, c)
         if m.shape != s.shape:
             raise self.fail(f"constants {mult} and {shift} must have the same shape, got {tuple(m.shape)} "
                             f"and {tuple(s.shape)}")
         self.values(mult, -INT32_LIMIT, INT32_LIMIT)
-        smin, _ = self.values(shift, 1, 62)
-        return self.amax(mult), smin
+        self.values(shift, 1, 62)
+        return m.to(torch.int64).reshape(-1), s.to(torch.int64).reshape(-1)
 
     def bits(self, name: str = "bits", lo: int = 2, hi: int = 32) -> int:
         b = self.attr(name)
@@ -168,9 +168,16 @@ class Check:
         return b
 
 
-def _bound(amax: int, mult: int, shift: int) -> int:
-    """``max |round_shift(x * b, c)|`` for ``|x| <= amax``, ``|b| <= mult``, ``c >= shift``."""
-    return (amax * mult + (1 << (shift - 1))) >> shift
+def _bound(amax: int, mult: Tensor | int, shift: Tensor | int) -> int:
+    """``max |round_shift(x * b_c, c_c)|`` over channels ``c`` for ``|x| <= amax`` (per-channel pairs, or ints)."""
+    m = torch.as_tensor(mult, dtype=torch.int64).reshape(-1).abs()
+    s = torch.as_tensor(shift, dtype=torch.int64).reshape(-1)
+    if m.numel() == 0:
+        return 0
+    if amax > 2**31:  # beyond int64-safe products: exact Python integers
+        return max((amax * int(a) + (1 << (int(b) - 1))) >> int(b) for a, b in zip(m.tolist(), s.tolist(), strict=True))
+    one = torch.ones((), dtype=torch.int64)
+    return int(((amax * m + torch.bitwise_left_shift(one, s - 1)) >> s).max())
 
 
 def _requant_out(c: Check, x: TType, bits: int, bound: int) -> TType:
@@ -367,20 +374,15 @@ def _embed(c: Check) -> TType:
 _LN_CONSTS = (ConstSpec("mult", (_I32,)), ConstSpec("shift", (_I32,)), ConstSpec("offset", (_I32,)))
 
 
-def _ln_common(c: Check, max_c: int) -> tuple[TType, int, int, int]:
+def _ln_common(c: Check, max_c: int) -> tuple[TType, Tensor, Tensor, int]:
     x = c.input(0, (_I8, _I16))
     c.not_batch(x, x.rank - 1, "layernorm")
     ch = x.shape[-1]
     if not 1 <= ch <= max_c:
         raise c.fail(f"layernorm over {ch} channels (at most {max_c})")
-    m = c.channels("mult", ch)
-    s = c.channels("shift", ch)
-    if m.shape != s.shape:
-        raise c.fail("constants mult and shift must have the same shape")
+    m, s = c.dyadic("mult", "shift", ch)
     c.channels("offset", ch)
-    c.values("mult", -INT32_LIMIT, INT32_LIMIT)
-    smin, _ = c.values("shift", 1, 62)
-    return x, c.amax("mult"), smin, c.amax("offset")
+    return x, m, s, c.amax("offset")
 
 
 @_op("layernorm", ("x",), _LN_CONSTS, (AttrSpec("bits", lo=2, hi=16),), legacy=True,

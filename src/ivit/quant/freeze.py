@@ -68,6 +68,8 @@ def freeze(model: QModel, name: str | None = None, extra_meta: dict[str, Any] | 
         "ivit_version": __version__,
         **(extra_meta or {}),
     }
+    if model.num_classes == 0:  # a headless model returns its pooled embedding: scale for dequantization
+        meta["embed_scale"] = float(out.scale)
     prog = Program(nodes=tracer.nodes, consts=tracer.consts, input=INPUT_NAME, output=out.name, meta=meta)
     info = validate(prog)
     if self_check:
