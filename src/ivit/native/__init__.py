@@ -176,6 +176,8 @@ _FP_ARITH = re.compile(
     r"addp|subp|subrp|mulp|divp|divrp|free|bld|bstp|tst|xam|init|ninit|ldcw|stcw|nstcw|ldenv|stenv|"
     r"nstenv|save|nsave|rstor|wait|nop|incstp|decstp)$"
 )
+_PREFIXES = frozenset({"lock", "rep", "repz", "repnz", "repe", "repne", "data16", "data32", "addr32", "addr16",
+                       "notrack", "bnd", "cs", "ds", "ss", "es", "fs", "gs", "xacquire", "xrelease", "rex", "rex.w"})
 #: integer conversions that share the ``cvt`` prefix but never touch a float register value
 _INT_CVT = re.compile(r"^(cltq|cqto|cwtl|cbtw|cltd|cwtd|cdqe|cdq|cqo|cwd|cbw|cwde)$")
 
@@ -202,8 +204,9 @@ def fp_instructions(path: str | os.PathLike[str]) -> list[str]:
         parts = line.split("\t")
         if len(parts) < 2 or not re.match(r"^\s*[0-9a-f]+:$", parts[0]):
             continue
-        mnem = parts[1].split()[0] if parts[1].split() else ""
-        mnem = mnem.split("{")[0]
+        # the mnemonic: the first token that is not an encoding hint ({vex}, {evex}) or an instruction prefix
+        tokens = [t for t in parts[1].split() if not t.startswith("{") and t not in _PREFIXES]
+        mnem = tokens[0].split("{")[0] if tokens else ""
         if _INT_CVT.match(mnem):
             continue
         if _FP_ARITH.match(mnem):
