@@ -352,13 +352,16 @@ def isqrt(v: Tensor, max_iter: int = 10) -> Tensor:
     steps; 7 suffice on ``[0, 2**62)`` since ``k0 < 2 sqrt(v) + 2``).  ``isqrt(0) = 0``.
     """
     v = _i64(v)
-    if bool((v < 0).any()):
+    host = v.device.type == "cpu"  # elsewhere (CUDA): no host synchronization, a fixed number of steps
+    if host and bool((v < 0).any()):
         raise ValueError("isqrt of a negative value")
+    if not host:
+        torch._assert_async((v >= 0).all(), "isqrt of a negative value")
     k = torch.bitwise_left_shift(torch.ones_like(v), (_bit_length(v) + 1) >> 1)
     for _ in range(max_iter):
         # k only reaches 0 for v = 0; clamping the divisor keeps 0 // 1 = 0 (no division by zero).
         nk = torch.minimum(k, (k + torch.div(v, k.clamp(min=1), rounding_mode="floor")) >> 1)
-        if torch.equal(nk, k):
+        if host and torch.equal(nk, k):  # Newton from above stays at floor(sqrt(v)) once there
             break
         k = nk
     return torch.where(v == 0, torch.zeros_like(k), k)

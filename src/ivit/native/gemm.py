@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from . import cpu_flags, library, register_signatures
+from . import cpu_flags, cuda_gemm, library, register_signatures
 
 __all__ = ["linear", "matmul", "int8_mm", "gemm_backend", "native_isa", "BACKENDS"]
 
@@ -284,6 +284,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         raise TypeError(f"x must be int8, got {x.dtype}")
     if weight.dtype != torch.int8:
         raise TypeError(f"weight must be int8, got {weight.dtype}")
+    if x.is_cuda and weight.is_cuda:  # CUDA has no int64 matmul: cuBLASLt's exact int8 GEMM, padded
+        return cuda_gemm.linear(x, weight, bias)
     fast_bias = bias is None or (isinstance(bias, Tensor) and bias.dtype == torch.int32
                                  and tuple(bias.shape) == (weight.shape[0],) and bias.device == x.device)
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.device != weight.device \
@@ -321,6 +323,8 @@ def matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
         raise TypeError(f"a must be int8 or uint8, got {a.dtype}")
     if b.dtype != torch.int8:
         raise TypeError(f"b must be int8, got {b.dtype}")
+    if a.is_cuda and b.is_cuda:
+        return cuda_gemm.matmul(a, b, transpose_b)
     m, k = a.shape[-2], a.shape[-1]
     kb, n = (b.shape[-1], b.shape[-2]) if transpose_b else (b.shape[-2], b.shape[-1])
     try:
