@@ -2,16 +2,19 @@
 
 For each model (a small ViT and a small Swin, sized for a 2-core CPU):
 
-1. train the float timm model from scratch (AdamW + cosine, label smoothing, pad-crop/flip
-   augmentation) with ``ivit.train.Trainer`` (resumable: rerunning the command continues an
-   interrupted benchmark from its last checkpoint);
+1. train the float timm model from scratch with ``ivit.run_train`` (the float-training recipe, here 4
+   epochs; Fashion-MNIST's augmentation recipe: pad-crop + flip), resumable: rerunning the command
+   continues an interrupted benchmark from its last checkpoint;
 2. FP32 top-1 on the 10,000 test images;
-3. PTQ with fixed parameters: ``ivit.quantize`` + ``ivit.calibrate`` (running min/max, ShiftExp n from
+3. PTQ with fixed parameters: ``ivit.run_ptq(search=False)`` (running min/max, ShiftExp n from
    ``QuantConfig``), frozen to a ``.ivit`` program, accuracy from the integer engine;
-4. PTQ with the per-layer search (``ivit.ptq.search``: clipping ranges and ShiftExp shifts);
-5. QAT of the calibrated integer model (STE, AdamW + cosine, small learning rate), frozen likewise;
+4. PTQ with the per-layer search (``ivit.run_ptq``: LayerNorm balancing, clipping ranges, ShiftExp shifts);
+5. QAT from the fixed-parameter calibration with ``ivit.run_qat`` (the QAT recipe with a short schedule:
+   1 epoch over 30,000 images, lr 5e-5, no weight decay), frozen likewise;
 6. (demonstration) PTQ of the same float model after a function-preserving injection of LayerNorm
    outlier channels, with fixed parameters vs with the search.
+
+Every step is a workflow of ``ivit.workflows`` (the same code as ``ivit train`` / ``ptq`` / ``qat`` / ``eval``).
 
 Every integer top-1 comes from the ``.ivit`` engine's int32 logits, and each program's engine logits
 are compared with ``torch.equal`` against the PyTorch integer model (``bitexact``).  Results go to
@@ -35,54 +38,57 @@ import json
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 import ivit
-from ivit import data
-from ivit.engine import Engine
-from ivit.models.base import QModel
-from ivit.ptq import ptq
-from ivit.runlog import plot_accuracy, write_text_atomic
-from ivit.train import CHECKPOINT_NAME, FloatWrapper, TrainConfig, Trainer, evaluate_dataset
+from ivit import data, recipes
+from ivit._io import write_text_atomic
+from ivit.training.runlog import plot_accuracy
+from ivit.training.trainer import CHECKPOINT_NAME, FloatWrapper, evaluate_dataset
+from ivit.workflows.common import save_state_dict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """A benchmark model: an ivit custom name plus timm keyword overrides."""
+class BenchModel:
+    """A benchmark model: its label, the float network (``ivit.ModelSpec``) and a description."""
 
     label: str
-    name: str
-    kwargs: dict[str, Any]
+    spec: ivit.ModelSpec
     description: str
 
 
-MODELS: dict[str, ModelSpec] = {
-    "vit": ModelSpec("ViT", "vit_fmnist", {}, "ViT: 28x28, patch 4 (49+1 tokens), depth 6, width 128, 4 heads, MLP 2x"),
-    "swin": ModelSpec("Swin", "swin_digits",
-                      dict(img_size=28, patch_size=2, window_size=7, embed_dim=64, depths=(2, 2), num_heads=(2, 4),
-                           mlp_ratio=2.0, num_classes=10),
-                      "Swin: 28x28, patch 2 (14x14 tokens), window 7, depths 2+2, widths 64/128, MLP 2x"),
+MODELS: dict[str, BenchModel] = {
+    "vit": BenchModel("ViT", ivit.ModelSpec("vit_fmnist"),
+                      "ViT: 28x28, patch 4 (49+1 tokens), depth 6, width 128, 4 heads, MLP 2x"),
+    "swin": BenchModel("Swin", ivit.ModelSpec("swin_digits", dict(img_size=28, patch_size=2, window_size=7,
+                                                                  embed_dim=64, depths=[2, 2], num_heads=[2, 4],
+                                                                  mlp_ratio=2.0, num_classes=10)),
+                       "Swin: 28x28, patch 2 (14x14 tokens), window 7, depths 2+2, widths 64/128, MLP 2x"),
 }
+DATA = "fashion-mnist"
 
 
 @dataclass
 class Settings:
+    """The benchmark's schedules: the recipes of ``ivit.recipes`` with shorter training (and smaller data with
+    ``--quick``).  Calibration is the PTQ recipe's (512 images, the search on 128) in the full run."""
+
     float_epochs: int
     float_lr: float
     qat_epochs: int
     qat_lr: float
     batch: int
-    calib_batches: int
-    search_batches: int
+    calib_images: int
+    search_images: int
     limit_train: int
     limit_test: int
     qat_limit_train: int
@@ -93,11 +99,12 @@ class Settings:
 
 #: About an hour on 2 idle cores (~1.8 h on one busy core): 4 float epochs over the 60,000 training images,
 #: QAT over 30,000 of them, every integer program evaluated on the 10,000 test images.
-FULL = Settings(float_epochs=4, float_lr=1e-3, qat_epochs=1, qat_lr=5e-5, batch=64, calib_batches=8,
-                search_batches=2, limit_train=0, limit_test=0, qat_limit_train=30000, bitexact_images=2000,
-                distill=False)
-QUICK = Settings(float_epochs=2, float_lr=2e-3, qat_epochs=1, qat_lr=5e-5, batch=64, calib_batches=4,
-                 search_batches=1, limit_train=2048, limit_test=512, qat_limit_train=1024, bitexact_images=256,
+FULL = Settings(float_epochs=4, float_lr=recipes.FLOAT_TRAINING.lr, qat_epochs=1, qat_lr=5e-5,
+                batch=recipes.FLOAT_TRAINING.batch_size, calib_images=recipes.CALIBRATION_IMAGES,
+                search_images=recipes.SEARCH_IMAGES, limit_train=0, limit_test=0, qat_limit_train=30000,
+                bitexact_images=2000, distill=False)
+QUICK = Settings(float_epochs=2, float_lr=2e-3, qat_epochs=1, qat_lr=5e-5, batch=64, calib_images=256,
+                 search_images=64, limit_train=2048, limit_test=512, qat_limit_train=1024, bitexact_images=256,
                  distill=False)
 
 
@@ -119,146 +126,91 @@ def inject_layernorm_outliers(model: torch.nn.Module, scale: float, channels: in
                     lin.weight[:, ch] /= scale
 
 
-def _limit(ds: Dataset, n: int) -> Dataset:
-    return Subset(ds, range(min(n, len(ds)))) if n else ds
-
-
-def _int_eval(prog: ivit.Program, qmodel: QModel, test: Dataset, batch: int,
-              bitexact_images: int) -> dict[str, Any]:
-    """Engine top-1 over ``test``; engine vs PyTorch integer model on the first ``bitexact_images``."""
-    engine = Engine(prog)
-    qmodel.eval()
-    correct = n = checked = 0
-    bitexact = True
-    t0 = time.time()
-    for x, y in data.make_loader(test, 4 * batch, shuffle=False):
-        logits = engine(x)
-        correct += int((logits.argmax(-1) == y).sum())
-        n += y.shape[0]
-        if not bitexact_images or checked < bitexact_images:
-            k = x.shape[0] if not bitexact_images else min(x.shape[0], bitexact_images - checked)
-            bitexact &= torch.equal(logits[:k], qmodel.logits(x[:k]))
-            checked += k
-    return {"top1": correct / n, "n": n, "bitexact": bool(bitexact), "bitexact_images": checked,
-            "eval_s": round(time.time() - t0, 1), "ops": len(prog.nodes)}
-
-
 def run_model(key: str, s: Settings, out: Path, progress: bool, log: Console) -> dict[str, Any]:
-    spec = MODELS[key]
+    bm = MODELS[key]
     run_dir = out / "runs" / key
-    (run_dir / "float").mkdir(parents=True, exist_ok=True)
-    (run_dir / "qat").mkdir(parents=True, exist_ok=True)
-    row: dict[str, Any] = {"model": spec.label, "description": spec.description}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"model": bm.label, "description": bm.description}
     times: dict[str, float] = {}
-
-    torch.manual_seed(0)
-    model = ivit.create_model(spec.name, **spec.kwargs)
-    row["params"] = sum(p.numel() for p in model.parameters())
-    img = model.patch_embed.img_size[0]
-    train = data.fashion_mnist("train", img)
-    train.transform = data.train_augment(img, flip=True)
-    test = _limit(data.fashion_mnist("test", img), s.limit_test)
-    calib_src = data.fashion_mnist("train", img)  # un-augmented
-    calib = []
-    for x, _ in data.make_loader(_limit(calib_src, s.limit_train), s.batch, shuffle=True, seed=0):
-        calib.append(x)
-        if len(calib) >= s.calib_batches:
-            break
+    common = dict(device="cpu", progress=progress)
+    evals = dict(evaluate=True, limit_eval=s.limit_test, eval_batch=4 * s.batch, bitexact_images=s.bitexact_images)
+    calib = dict(calib_images=s.calib_images, calib_batch=recipes.CALIBRATION_BATCH)
 
     # 1-2. float training (resumes an interrupted benchmark)
     t0 = time.time()
-    fmodel = FloatWrapper(model)
-    fcfg = TrainConfig(epochs=s.float_epochs, lr=s.float_lr, weight_decay=0.05, batch_size=s.batch,
-                       warmup_epochs=min(1.0, s.float_epochs / 4), label_smoothing=0.1, seed=0)
-    ck = run_dir / "float" / CHECKPOINT_NAME
-    torch.manual_seed(1)
-    trainer = Trainer(fmodel, _limit(train, s.limit_train), fcfg, eval_ds=test, out_dir=run_dir / "float",
-                      identity={"model": spec.name, "kwargs": json.loads(json.dumps(spec.kwargs))},
-                      progress=progress, desc=f"{spec.label} float", title=f"{spec.label} float training")
-    if ck.exists():
-        trainer.load(ck)
-    step0 = trainer.step
-    fhist = trainer.fit()
-    if trainer.step != step0:  # the float model changed: an older QAT checkpoint no longer applies
+    fcfg = replace(recipes.FLOAT_TRAINING, epochs=s.float_epochs, lr=s.float_lr, batch_size=s.batch,
+                   warmup_epochs=min(1.0, s.float_epochs / 4))
+    ft = ivit.run_train(ivit.TrainRun(bm.spec, DATA, run_dir / "float", train=fcfg, limit_train=s.limit_train,
+                                      limit_eval=s.limit_test, resume="auto", **common))
+    if ft.steps_run:  # the float model changed: an older QAT checkpoint no longer applies
         (run_dir / "qat" / CHECKPOINT_NAME).unlink(missing_ok=True)
-    fmodel.eval()
-    row["fp32"] = fhist[-1]["float_top1"]
+    row["params"] = sum(p.numel() for p in ft.model.parameters())
+    row["fp32"] = ft.float_top1
+    weights = replace(ft.spec, checkpoint=str(ft.files["model"]))
     times["float_train_s"] = round(time.time() - t0, 1)
-    log.print(f"{spec.label}: FP32 top-1 {row['fp32'] * 100:.2f}% ({times['float_train_s']:.0f} s)")
+    log.print(f"{bm.label}: FP32 top-1 {row['fp32'] * 100:.2f}% ({times['float_train_s']:.0f} s)")
 
     # 3. PTQ with fixed parameters
     t0 = time.time()
-    fixed = ivit.quantize(model)
-    ivit.calibrate(fixed, calib)
-    prog = ivit.freeze(fixed, name=spec.name)
-    prog.save(run_dir / "ptq_fixed.ivit")
-    res = _int_eval(prog, fixed, test, s.batch, s.bitexact_images)
-    row["ptq_fixed"], row["bitexact_ptq_fixed"] = res["top1"], res["bitexact"]
+    res = ivit.run_ptq(ivit.PTQRun(weights, DATA, run_dir / "ptq_fixed.ivit", search=False, **calib, **evals,
+                                   **common))
+    row["ptq_fixed"], row["bitexact_ptq_fixed"] = res.top1, res.bitexact
     times["ptq_fixed_s"] = round(time.time() - t0, 1)
-    log.print(f"{spec.label}: PTQ (fixed parameters) top-1 {res['top1'] * 100:.2f}% bit-exact {res['bitexact']}")
+    log.print(f"{bm.label}: PTQ (fixed parameters) top-1 {res.top1 * 100:.2f}% bit-exact {res.bitexact}")
 
     # 4. PTQ with the per-layer search (LayerNorm balancing, clipping ranges, ShiftExp shifts)
     t0 = time.time()
-    qsearch = ivit.quantize(model)
-    report = ptq(qsearch, calib, search_batches=s.search_batches, progress=progress)
-    times["search_s"] = round(time.time() - t0, 1)
-    prog = ivit.freeze(qsearch, name=spec.name)
-    prog.save(run_dir / "ptq.ivit")
-    res = _int_eval(prog, qsearch, test, s.batch, s.bitexact_images)
-    row["ptq"], row["bitexact_ptq"] = res["top1"], res["bitexact"]
-    row["search"] = report.summary()
-    write_text_atomic(run_dir / "ptq_search.json", json.dumps(report.to_json(), indent=1) + "\n")
+    res = ivit.run_ptq(ivit.PTQRun(weights, DATA, run_dir / "ptq.ivit", search_images=s.search_images,
+                                   report=run_dir / "ptq_search.json", **calib, **evals, **common))
+    row["ptq"], row["bitexact_ptq"] = res.top1, res.bitexact
+    row["search"] = res.search.summary() if res.search is not None else None
     times["ptq_search_total_s"] = round(time.time() - t0, 1)
-    log.print(f"{spec.label}: PTQ (searched) top-1 {res['top1'] * 100:.2f}% bit-exact {res['bitexact']}; "
-              f"{report.summary()}")
-    del qsearch
+    log.print(f"{bm.label}: PTQ (searched) top-1 {res.top1 * 100:.2f}% bit-exact {res.bitexact}; {row['search']}")
 
     # 4b. the same float model with LayerNorm outlier channels (float function unchanged): fixed vs searched
     if s.outlier_scale > 1:
         t0 = time.time()
-        omodel = copy.deepcopy(model)
+        omodel = copy.deepcopy(ft.model.model)
         inject_layernorm_outliers(omodel, s.outlier_scale)
+        opath = run_dir / "float_outliers.safetensors"
+        save_state_dict(omodel, opath, ft.spec)
+        img = omodel.patch_embed.img_size[0]
+        test = data.build_dataset(DATA, "test", img)
+        test = Subset(test, range(min(s.limit_test, len(test)))) if s.limit_test else test
         row["fp32_outliers"] = evaluate_dataset(FloatWrapper(omodel), test, 4 * s.batch)["float_top1"]
         for key_, search_on in (("ptq_fixed_outliers", False), ("ptq_outliers", True)):
-            oq = ivit.quantize(omodel)
-            ptq(oq, calib, search_params=search_on, search_batches=s.search_batches, progress=progress)
-            res = _int_eval(ivit.freeze(oq, name=spec.name), oq, test, s.batch, s.bitexact_images)
-            row[key_], row[f"bitexact_{key_}"] = res["top1"], res["bitexact"]
+            res = ivit.run_ptq(ivit.PTQRun(replace(weights, checkpoint=str(opath)), DATA, run_dir / f"{key_}.ivit",
+                                           search=search_on, search_images=s.search_images, **calib,
+                                           **evals, **common))
+            row[key_], row[f"bitexact_{key_}"] = res.top1, res.bitexact
         times["outliers_s"] = round(time.time() - t0, 1)
-        log.print(f"{spec.label} + LayerNorm outliers x{s.outlier_scale:g}: FP32 {row['fp32_outliers'] * 100:.2f}%, "
+        log.print(f"{bm.label} + LayerNorm outliers x{s.outlier_scale:g}: FP32 {row['fp32_outliers'] * 100:.2f}%, "
                   f"PTQ fixed {row['ptq_fixed_outliers'] * 100:.2f}%, PTQ searched {row['ptq_outliers'] * 100:.2f}%")
 
-    # 5. QAT from the fixed-parameter calibration (the I-ViT flow)
+    # 5. QAT from the fixed-parameter calibration (the I-ViT flow), a short schedule of the QAT recipe
     t0 = time.time()
-    qcfg = TrainConfig(epochs=s.qat_epochs, lr=s.qat_lr, weight_decay=0.0, batch_size=s.batch, label_smoothing=0.1,
-                       distill_alpha=0.5 if s.distill else 0.0, seed=0)
-    qck = run_dir / "qat" / CHECKPOINT_NAME
-    torch.manual_seed(2)
-    qtrainer = Trainer(fixed, _limit(train, s.qat_limit_train or s.limit_train), qcfg, eval_ds=None,
-                       teacher=fmodel if s.distill else None, out_dir=run_dir / "qat",
-                       identity={"model": spec.name, "arch": fixed.meta}, progress=progress,
-                       desc=f"{spec.label} QAT", title=f"{spec.label} QAT")
-    qtrainer.fit(resume=qck if qck.exists() else None)
-    fixed.eval()
+    qcfg = replace(recipes.QAT_TRAINING, epochs=s.qat_epochs, lr=s.qat_lr, weight_decay=0.0, batch_size=s.batch,
+                   distill_alpha=recipes.DISTILL_ALPHA if s.distill else 0.0)
+    q = ivit.run_qat(ivit.QATRun(weights, DATA, run_dir / "qat", train=qcfg, **calib,
+                                 limit_train=s.qat_limit_train or s.limit_train, limit_eval=s.limit_test,
+                                 resume="auto", bitexact_images=s.bitexact_images, **common))
     times["qat_train_s"] = round(time.time() - t0, 1)
-    prog = ivit.freeze(fixed, name=spec.name)
-    prog.save(run_dir / "qat.ivit")
-    res = _int_eval(prog, fixed, test, s.batch, s.bitexact_images)
-    row["qat"], row["bitexact_qat"] = res["top1"], res["bitexact"]
-    row["bitexact_images"] = res["bitexact_images"]
-    row["test_images"] = res["n"]
-    row["integer_ops"] = res["ops"]
+    ev = ivit.run_eval(ivit.EvalRun(q.output, DATA, batch=4 * s.batch, limit_eval=s.limit_test, progress=progress))
+    row["qat"], row["bitexact_qat"] = ev.top1, q.bitexact
+    row["bitexact_images"] = s.bitexact_images or ev.n
+    row["test_images"] = ev.n
+    row["integer_ops"] = len(q.program.nodes) if q.program is not None else None
     times["qat_total_s"] = round(time.time() - t0, 1)
-    log.print(f"{spec.label}: QAT top-1 {res['top1'] * 100:.2f}% bit-exact {res['bitexact']}")
+    log.print(f"{bm.label}: QAT top-1 {ev.top1 * 100:.2f}% bit-exact {q.bitexact}")
     row["times"] = times
 
     # float training curve, then the integer model (PTQ at the last float epoch, QAT after it)
-    e = len(fhist)
-    curve = [{"epoch": r["epoch"], "float_top1": r["float_top1"]} for r in fhist]
+    e = len(ft.history)
+    curve = [{"epoch": r["epoch"], "float_top1": r["float_top1"]} for r in ft.history]
     curve.append({"epoch": e, "int_top1": row["ptq_fixed"]})
     curve.append({"epoch": e + s.qat_epochs, "int_top1": row["qat"]})
     plot_accuracy(curve, out / f"accuracy_{key}{'_quick' if s is QUICK else ''}.png",
-                  f"{spec.label} on Fashion-MNIST: float training, then PTQ and QAT")
+                  f"{bm.label} on Fashion-MNIST: float training, then PTQ and QAT")
     return row
 
 

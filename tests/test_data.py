@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from ivit.data import (
+    BUILTIN_DATASETS,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     TensorImageDataset,
@@ -23,6 +24,7 @@ from ivit.data import (
     image_folder,
     make_loader,
     num_classes,
+    timm_augment,
     train_augment,
 )
 from ivit.errors import IvitError
@@ -286,6 +288,14 @@ def test_build_dataset() -> None:
         build_dataset("digits", "dev", 16)
 
 
+def test_builtin_datasets_are_one_registry() -> None:
+    from ivit.workflows import recipes
+
+    assert list(BUILTIN_DATASETS) == ["digits", "fashion-mnist"]
+    assert BUILTIN_DATASETS["digits"] is digits and BUILTIN_DATASETS["fashion-mnist"] is fashion_mnist
+    assert set(recipes.DATASETS) == set(BUILTIN_DATASETS)  # every built-in dataset has its training recipe
+
+
 def test_build_dataset_folder(tmp_path: Path) -> None:
     _write_folder(tmp_path / "train")
     with pytest.raises(IvitError, match="val/"):
@@ -328,6 +338,17 @@ def test_train_augment_in_dataset() -> None:
     ds.transform = train_augment(32)
     x, y = next(iter(make_loader(ds, batch_size=8, shuffle=True)))
     assert x.dtype == torch.uint8 and x.shape == (8, 3, 32, 32) and y.dtype == torch.int64
+
+
+def test_timm_augmentation_yields_uint8() -> None:
+    torch.manual_seed(0)
+    tf = timm_augment(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), from_tensor=True)
+    img = digits("train", 40).images[0]
+    outs = [tf(img) for _ in range(4)]
+    assert all(o.dtype == torch.uint8 and o.shape == (3, 32, 32) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # random
+    with pytest.raises(IvitError, match="img_size"):
+        timm_augment(0, (0.5,), (0.5,))
 
 
 def test_make_loader_reproducible() -> None:

@@ -6,16 +6,21 @@ a kill (``.NAME.XXXX.tmp`` next to the target) is removed by the next write to t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import IvitError
 
-__all__ = ["atomic_path", "publish", "write_text_atomic", "write_bytes_atomic", "check_output_path"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["atomic_path", "publish", "write_text_atomic", "write_bytes_atomic", "check_output_path", "sha256_tensors"]
 
 #: Temporary files older than this (seconds) next to a target are leftovers of a killed writer.
 STALE_SECONDS = 600.0
@@ -63,14 +68,24 @@ def check_output_path(path: str | os.PathLike[str], what: str = "output file") -
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[str]:
     """A temporary file name next to ``path`` to write to; published over ``path`` (``publish``) when the
-    block succeeds, removed when it fails, so ``path`` is never half-written."""
+    block succeeds, removed when it fails, so ``path`` is never half-written.  Temporary files of earlier
+    writers killed mid-write (older than ``STALE_SECONDS``) are removed first.  A failure to create, write or
+    publish the temporary file is an ``IvitError`` naming ``path`` (not the temporary name)."""
     path = Path(path)
     _remove_stale(path, suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise IvitError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         yield tmp
         publish(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if tmp in (e.filename, e.filename2) or str(path) in (e.filename, e.filename2):
+            raise IvitError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -86,3 +101,17 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` through a temporary file in the same folder, fsync and rename."""
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
+
+
+def sha256_tensors(tensors: Mapping[str, Tensor], text: str = "", sort: bool = True) -> str:
+    """SHA-256 over ``text`` and every tensor's name, dtype, shape and bytes (in name order with ``sort``):
+    the integrity check of checkpoints, and the identity of a set of weights."""
+    import torch
+
+    h = hashlib.sha256(text.encode())
+    for name in sorted(tensors) if sort else tensors:
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -43,9 +43,11 @@ __all__ = [
     "digits",
     "fashion_mnist",
     "image_folder",
+    "BUILTIN_DATASETS",
     "build_dataset",
     "num_classes",
     "train_augment",
+    "timm_augment",
     "make_loader",
 ]
 
@@ -64,7 +66,6 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-_BUILTIN = ("digits", "fashion-mnist")
 _INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
@@ -399,9 +400,16 @@ def image_folder(
 # ---------------------------------------------------------------------------------------------
 # selection, augmentation, loading
 
+#: The built-in datasets by name (``--data NAME``): ``loader(split, img_size)``.  Their training recipes
+#: (normalization, augmentation) are in ``ivit.workflows.recipes``.
+BUILTIN_DATASETS: dict[str, Callable[[str, int], TensorImageDataset]] = {
+    "digits": digits,
+    "fashion-mnist": fashion_mnist,
+}
+
 
 def build_dataset(name: str, split: str, img_size: int) -> Dataset:
-    """Dataset by name: ``"digits"``, ``"fashion-mnist"``, or a folder with ``train/`` and ``val/``.
+    """Dataset by name: one of :data:`BUILTIN_DATASETS`, or a folder with ``train/`` and ``val/``.
 
     Args:
         name: dataset name or path to an ImageNet-layout folder.
@@ -416,11 +424,9 @@ def build_dataset(name: str, split: str, img_size: int) -> Dataset:
     """
     _check_split(split, ("train", "test", "val"))
     held_out = split != "train"
-    if name == "digits":
-        return digits("test" if held_out else "train", img_size)
-    if name == "fashion-mnist":
-        return fashion_mnist("test" if held_out else "train", img_size)
-    options = f"expected one of {', '.join(_BUILTIN)}, or a folder containing train/ and val/"
+    if name in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[name]("test" if held_out else "train", img_size)
+    options = f"expected one of {', '.join(BUILTIN_DATASETS)}, or a folder containing train/ and val/"
     if not os.path.isdir(name):
         raise IvitError(f"unknown dataset {name!r}: {options}")
     sub = os.path.join(name, "val" if held_out else "train")
@@ -469,6 +475,46 @@ def train_augment(img_size: int, flip: bool = True, generator: torch.Generator |
         return out.contiguous()
 
     return augment
+
+
+class _Uint8RandomErasing:
+    """timm's ``RandomErasing`` applied to a uint8 image: done in normalized space (so ``pixel`` mode
+    draws normal noise there, as timm does), then mapped back to rounded uint8 pixels."""
+
+    def __init__(self, prob: float, mean: tuple[float, ...], std: tuple[float, ...], mode: str = "pixel",
+                 count: int = 1) -> None:
+        from timm.data.random_erasing import RandomErasing
+
+        self.erase = RandomErasing(prob, mode=mode, max_count=count, device="cpu")
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, img: Tensor) -> Tensor:
+        x = (img.to(torch.float32) / 255.0 - self.mean) / self.std
+        x = self.erase(x)
+        return ((x * self.std + self.mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def timm_augment(img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 from_tensor: bool = False) -> Callable:
+    """The DeiT training augmentation through timm, ending in uint8 ``(3, S, S)`` pixels:
+    RandomResizedCrop(scale 0.08-1, bicubic), h-flip, RandAugment ``rand-m9-mstd0.5-inc1``, color
+    jitter 0.4, then random erasing (p 0.25, pixel mode, drawn in the model's normalized space).
+
+    Args:
+        img_size: output height and width.
+        mean, std: the model's normalization (random erasing draws its noise in that space).
+        from_tensor: the input is a uint8 ``(3, H, W)`` tensor (else a PIL image).
+    """
+    from timm.data.transforms_factory import transforms_imagenet_train
+    from torchvision.transforms import v2
+
+    _check_size(img_size)
+    tf = transforms_imagenet_train(img_size, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+                                   interpolation="bicubic", mean=mean, std=std, normalize=False)
+    steps: list[Callable] = [v2.ToPILImage()] if from_tensor else []
+    steps += [tf, _Uint8RandomErasing(0.25, mean, std)]
+    return v2.Compose(steps)
 
 
 def make_loader(

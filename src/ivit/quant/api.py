@@ -33,7 +33,8 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> QModel:
     config = config or QuantConfig()
     conv = converter_for(model)
     if conv is None:
-        raise IvitError(f"cannot quantize {type(model).__name__}: not a supported timm model family (see 'ivit models')")
+        raise IvitError(f"cannot quantize {type(model).__name__}: not a supported timm model family "
+                        "(see 'ivit models')")
     q = conv(model, config)
     name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if name:

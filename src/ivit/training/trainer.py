@@ -1,11 +1,12 @@
-"""Training and evaluation loops: float training, QAT of the integer model, accuracy of each form.
+"""The training loop (float training and QAT of the integer model) and accuracy of each form.
 
 Datasets yield uint8 images; the float model sees ``(x / 255 - mean) / std`` (``normalize``), the
 integer model and engine see the uint8 pixels themselves (normalization is folded in).
 
-``train`` is the plain in-memory loop (demo); ``Trainer`` is the resumable one behind ``ivit train`` /
-``ivit qat``: checkpoints (``ivit.checkpoint``) every N steps and epoch, exact resume, per-epoch logs
-and plot (``ivit.runlog``), and ``DistributedDataParallel`` under ``torchrun`` (``ivit.distributed``).
+``Trainer`` is the one training loop (behind ``ivit train`` / ``ivit qat``, the demo and the benchmarks):
+checkpoints (``ivit.training.checkpoint``) every N steps and epoch, exact resume, per-epoch logs and
+plot (``ivit.training.runlog``), and ``DistributedDataParallel`` under ``torchrun``
+(``ivit.training.distributed``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..errors import IvitError
 from ..models.base import QModel
+from ..models.factory import normalization
 from . import distributed as D
 
-__all__ = ["normalize", "FloatWrapper", "TrainConfig", "train", "evaluate", "predict_int", "cosine_lr",
+__all__ = ["normalize", "FloatWrapper", "TrainConfig", "evaluate", "predict_int", "cosine_lr",
            "make_optimizer", "LogitsModule", "EpochSampler", "Trainer", "CHECKPOINT_NAME", "evaluate_dataset"]
 
 
@@ -39,14 +41,13 @@ def normalize(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -
 
 
 class FloatWrapper(nn.Module):
-    """A float timm model that takes uint8 pixels (normalizing with its pretrained_cfg mean/std)."""
+    """A float timm model that takes uint8 pixels (normalizing with its pretrained_cfg mean/std, see
+    ``ivit.models.factory.normalization``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.std = tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        self.mean, self.std = normalization(model)
 
     def forward(self, pixels: Tensor) -> Tensor:
         return self.model(normalize(pixels, self.mean, self.std))
@@ -60,21 +61,63 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, min_ratio: fl
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer/schedule settings (AdamW + cosine, label smoothing, optional distillation)."""
+    """Optimizer and schedule of a training run: AdamW (weight decay on matrices only), linear warmup then
+    cosine decay per step, label-smoothed cross entropy, optional distillation, gradient clipping.
 
-    epochs: int = 10
+    The defaults are the float-training recipe (``ivit.workflows.recipes.FLOAT_TRAINING``: small models
+    trained from scratch); ``recipes.QAT_TRAINING`` is the I-ViT paper's QAT recipe.
+
+    Attributes:
+        epochs: passes over the training set (>= 1).
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay of the weight matrices (biases, norms: none).
+        batch_size: images per step and process.
+        warmup_epochs: linear warmup length (fractions allowed).
+        label_smoothing: in ``[0, 1)``.
+        distill_alpha: weight in ``[0, 1]`` of the KL term to a teacher's soft labels (0: no distillation).
+        distill_tau: distillation temperature (> 0).
+        grad_clip: max gradient norm (0: off).
+        seed: data order and augmentation seed.
+        min_lr_ratio: the cosine schedule ends at ``min_lr_ratio * lr``.
+    """
+
+    epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.05
     batch_size: int = 64
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
-    distill_alpha: float = 0.0  # weight of the KL term to the teacher's soft labels
+    distill_alpha: float = 0.0
     distill_tau: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
-    min_lr_ratio: float = 0.01  # the cosine schedule ends at min_lr_ratio * lr
+    min_lr_ratio: float = 0.01
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else f.type.__name__
+            ok = (isinstance(v, int) if kind == "int" else isinstance(v, (int, float)) and math.isfinite(v))
+            if not ok or isinstance(v, bool):
+                raise IvitError(f"TrainConfig.{f.name} must be a finite {kind}, got {v!r}")
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 <= self.distill_alpha <= 1, "distill_alpha must be in [0, 1]"),
+            (self.distill_tau > 0, "distill_tau must be > 0"),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0: off)"),
+            (0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise IvitError(f"TrainConfig.{msg}")
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -105,50 +148,6 @@ def _loss(logits: Tensor, y: Tensor, x: Tensor, cfg: TrainConfig, teacher: nn.Mo
                       reduction="batchmean", log_target=True) * tau * tau
         loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kl
     return loss
-
-
-def train(model: nn.Module, loader: DataLoader, cfg: TrainConfig, teacher: nn.Module | None = None,
-          progress: bool = True, desc: str = "train",
-          on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
-    """Train ``model`` (float ``FloatWrapper`` or integer ``QModel``: QAT with STE) on uint8 batches.
-
-    Returns the mean training loss per epoch.
-    """
-    from tqdm.auto import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, cfg)
-    steps_per_epoch = len(loader)
-    total = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    device = next(model.parameters()).device
-    losses: list[float] = []
-    step = 0
-    if teacher is not None:
-        teacher.eval()
-    for epoch in range(cfg.epochs):
-        model.train()
-        running, count = 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, total, cfg.lr, warmup, cfg.min_lr_ratio)
-            loss = _loss(_logits(model, x), y, x, cfg, teacher)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            step += 1
-            running += loss.item() * x.shape[0]
-            count += x.shape[0]
-            bar.set_postfix(loss=f"{running / count:.3f}")
-        losses.append(running / max(1, count))
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-    model.eval()
-    return losses
 
 
 @torch.no_grad()
@@ -182,6 +181,9 @@ def predict_int(qmodel: QModel) -> Callable[[Tensor], Tensor]:
 
 #: File name of the rolling training checkpoint inside a run's output folder.
 CHECKPOINT_NAME = "checkpoint.safetensors"
+#: ``accuracy.png`` is redrawn after an epoch when this many seconds have passed since the last drawing, and
+#: always after the last epoch (``log.jsonl`` / ``log.csv`` are rewritten after every epoch).
+PLOT_SECONDS = 30.0
 
 
 class LogitsModule(nn.Module):
@@ -278,11 +280,12 @@ class Trainer:
     ``DistributedDataParallel`` (buffers, i.e. observer ranges, follow rank 0) and the data is sharded
     by :class:`EpochSampler`; metrics are averaged over ranks and only rank 0 writes files.
 
-    With ``out_dir`` the run writes ``out_dir/checkpoint.safetensors`` (see ``ivit.checkpoint``) every
-    ``save_every`` steps and after every epoch, and ``log.jsonl`` / ``log.csv`` / ``accuracy.png`` after
-    every epoch.  ``fit(resume=path)`` restores model, observers, optimizer, schedule position, data
-    position and random states, so that (with ``num_workers=0``) a run killed at any moment and
-    resumed ends with exactly the weights of an uninterrupted run.
+    With ``out_dir`` the run writes ``out_dir/checkpoint.safetensors`` (see ``ivit.training.checkpoint``)
+    every ``save_every`` steps and after every epoch, ``log.jsonl`` / ``log.csv`` after every epoch and
+    ``accuracy.png`` at most every ``PLOT_SECONDS`` and after the last epoch.  ``fit(resume=path)``
+    restores model, observers, optimizer, schedule position, data position and random states, so that
+    (with ``num_workers=0``) a run killed at any moment and resumed ends with exactly the weights of an
+    uninterrupted run.
 
     Args:
         model: a ``FloatWrapper`` or a calibrated ``QModel``, already on its device.
@@ -331,6 +334,7 @@ class Trainer:
         self.eval_batch_size = eval_batch_size or 2 * cfg.batch_size
         self.desc = desc
         self.title = title
+        self._last_plot = 0.0  # time of the last accuracy.png (plotting costs ~0.2 s: at most every PLOT_SECONDS)
         self.on_step = on_step
 
         self.sampler = EpochSampler(len(train_ds), cfg.batch_size, True, cfg.seed, self.rank, self.world)
@@ -442,6 +446,9 @@ class Trainer:
         loss_sum, count = D.all_reduce_sum([self.loss_sum, float(self.loss_count)])
         rec: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "lr": self.lr_at(self.step - 1),
                                "loss": loss_sum / max(1.0, count)}
+        if not math.isfinite(rec["loss"]):
+            raise IvitError(f"training diverged in epoch {self.epoch + 1} (loss {rec['loss']}); lower --lr "
+                            "(the last checkpoint is kept)")
         rec.update(self.evaluate())
         rec["time"] = round(self.epoch_time, 3)
         if self.world > 1:
@@ -458,7 +465,10 @@ class Trainer:
         if self.out_dir is not None and self.rank == 0:
             from .runlog import write_logs
 
-            write_logs(self.out_dir, self.history, self.title)
+            plot = self.epoch >= self.cfg.epochs or time.time() - self._last_plot >= PLOT_SECONDS
+            write_logs(self.out_dir, self.history, self.title, plot=plot)
+            if plot:
+                self._last_plot = time.time()
         return rec
 
     def evaluate(self) -> dict[str, float]:
@@ -504,47 +514,48 @@ class Trainer:
         return save_checkpoint(path, tensors, meta)
 
     def load(self, path: str | Path) -> None:
-        """Restore a checkpoint written by :meth:`save` (any rank count; exact only with the same one)."""
-        from .checkpoint import check_identity, load_checkpoint, set_module_attrs, set_rng_state, unpack_optimizer
+        """Restore a checkpoint written by :meth:`save` (any rank count; exact only with the same one).
+
+        The checkpoint is verified (SHA-256) and checked completely against this model, optimizer and
+        configuration before anything is applied; any defect is one ``IvitError`` line and leaves the trainer
+        as it was."""
+        from .checkpoint import (
+            check_identity,
+            check_training_state,
+            load_checkpoint,
+            set_module_attrs,
+            set_rng_state,
+            unpack_optimizer,
+        )
 
         ck = load_checkpoint(path)
         meta = ck.meta
-        try:
-            check_identity(path, meta["identity"], self.identity)
-            saved_cfg = meta["train_config"]
-            for k, v in asdict(self.cfg).items():
-                if k != "epochs" and saved_cfg.get(k) != v:
-                    raise IvitError(f"checkpoint {path} was written with {k}={saved_cfg.get(k)} but this run has "
-                                    f"{k}={v}; use the same options (only --epochs may change) or a new output folder")
-            sd = ck.group("model")
-            own = self.model.state_dict()
-            missing = [k for k in own if k not in sd]
-            extra = [k for k in sd if k not in own]
-            bad = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-            if missing or extra or bad:
-                first = (bad or missing or extra)[0]
-                raise IvitError(f"checkpoint {path} does not match this model ({len(missing)} missing, "
-                                f"{len(extra)} unexpected, {len(bad)} mismatched tensors, first: {first})")
-            self.model.load_state_dict(sd)
-            set_module_attrs(self.model, meta.get("attrs", {}))
-            unpack_optimizer(self.opt, ck.group("optim"), meta["optimizer"])
-            self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
-            self.step_in_epoch = int(meta["step_in_epoch"])
-            self.history = list(meta["history"])
-            same_layout = (int(meta["world_size"]) == self.world
-                           and int(meta["steps_per_epoch"]) == self.steps_per_epoch)
-            if same_layout:
-                set_rng_state(ck.group(f"rng/{self.rank}"), meta["rng"][self.rank])
-                self.loss_sum, self.loss_count = float(meta["loss"][self.rank][0]), int(meta["loss"][self.rank][1])
-                self.epoch_time = float(meta.get("epoch_time", 0.0))
-            else:
-                if self.rank == 0:
-                    warnings.warn(f"checkpoint was written by {meta['world_size']} process(es) with "
-                                  f"{meta['steps_per_epoch']} steps per epoch; restarting epoch {self.epoch + 1} "
-                                  "(the run continues but is not bit-identical to an uninterrupted one)",
-                                  RuntimeWarning, stacklevel=2)
-                self.step = self.epoch * self.steps_per_epoch
-                self.step_in_epoch = 0
-                torch.manual_seed(self.cfg.seed + 7919 * self.epoch + self.rank)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise IvitError(f"corrupt checkpoint metadata in {path}: {type(e).__name__}: {e}") from None
+        if not isinstance(meta.get("identity"), dict) or not isinstance(meta.get("train_config"), dict):
+            raise IvitError(f"invalid checkpoint {path}: identity and train_config must be JSON objects")
+        check_identity(path, meta["identity"], self.identity)
+        saved_cfg = meta["train_config"]
+        for k, v in asdict(self.cfg).items():
+            if k != "epochs" and saved_cfg.get(k) != v:
+                raise IvitError(f"checkpoint {path} was written with {k}={saved_cfg.get(k)} but this run has "
+                                f"{k}={v}; use the same options (only --epochs may change) or a new output folder")
+        check_training_state(ck, path, self.model, self.opt)
+        self.model.load_state_dict(ck.group("model"))
+        set_module_attrs(self.model, meta["attrs"])
+        unpack_optimizer(self.opt, ck.group("optim"), meta["optimizer"])
+        self.epoch, self.step = int(meta["epoch"]), int(meta["step"])
+        self.step_in_epoch = int(meta["step_in_epoch"])
+        self.history = list(meta["history"])
+        same_layout = int(meta["world_size"]) == self.world and int(meta["steps_per_epoch"]) == self.steps_per_epoch
+        if same_layout:
+            set_rng_state(ck.group(f"rng/{self.rank}"), meta["rng"][self.rank])
+            self.loss_sum, self.loss_count = float(meta["loss"][self.rank][0]), int(meta["loss"][self.rank][1])
+            self.epoch_time = float(meta.get("epoch_time", 0.0))
+        else:
+            if self.rank == 0:
+                warnings.warn(f"checkpoint was written by {meta['world_size']} process(es) with "
+                              f"{meta['steps_per_epoch']} steps per epoch; restarting epoch {self.epoch + 1} "
+                              "(the run continues but is not bit-identical to an uninterrupted one)",
+                              RuntimeWarning, stacklevel=2)
+            self.step = self.epoch * self.steps_per_epoch
+            self.step_in_epoch = 0
+            torch.manual_seed(self.cfg.seed + 7919 * self.epoch + self.rank)

@@ -1,8 +1,10 @@
-"""``ivit demo``: the embedded default, end to end, with no downloads.
+"""``ivit demo``: the embedded default, end to end, with no downloads - the workflows in a row.
 
-digits (scikit-learn) -> train a small float model -> calibrate + QAT -> freeze to ``.ivit`` ->
-accuracy float vs integer-only over the whole test set -> bit-exactness of the engine against the
-PyTorch integer model -> latency float vs integer engine -> a table and ``report.json``.
+digits (scikit-learn) -> ``run_train`` (a tiny float model, ``OUT/float``) -> ``run_qat`` (calibration +
+QAT, ``OUT/qat``) -> ``OUT/<model>.ivit`` -> ``run_eval`` (accuracy of the engine on the whole test set) ->
+bit-exactness of the engine against the PyTorch integer model -> integer-only proof -> latency float vs
+integer engine -> a table and ``OUT/report.json``.  Rerunning the same command reuses the finished runs
+(``resume="auto"``).
 """
 
 from __future__ import annotations
@@ -10,114 +12,125 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import data
-from .._io import write_text_atomic
-from ..backends import Engine
+from .._io import check_output_path, write_text_atomic
 from ..bench import median_ms
 from ..errors import IvitError
-from ..ir.program import load_program
-from ..models import create_model
-from ..quant import calibrate, freeze, quantize
-from ..training.trainer import FloatWrapper, TrainConfig, evaluate, predict_int, train
+from ..training.trainer import CHECKPOINT_NAME, TrainConfig
 from ..verify import verify_integer_only
+from . import recipes
+from .evaluate import EvalRun, open_program, run_eval
+from .ptq import PTQRun, run_ptq
+from .qat import QATRun, run_qat
+from .spec import ModelSpec
+from .train import TrainRun, run_train
 
-__all__ = ["DEMO_MODELS", "run_demo", "write_json_atomic"]
+__all__ = ["DemoRun", "DemoResult", "run_demo", "print_report"]
 
-#: demo kind -> (model name, image size, float epochs, float lr, QAT epochs, QAT lr)
-DEMO_MODELS: dict[str, tuple[str, int, int, float, int, float]] = {
-    "vit": ("vit_digits", 16, 40, 2e-3, 2, 5e-5),
-    "swin": ("swin_digits", 16, 40, 2e-3, 2, 5e-5),
-}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename (never a half-written file)."""
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+_DATA = "digits"
+_IMG = 16
 
 
-def run_demo(kind: str = "vit", out_dir: str | os.PathLike[str] = "ivit-demo", epochs: int | None = None,
-             qat_epochs: int | None = None, batch: int = 64, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Run the demo and return the report (also written to ``out_dir/report.json``)."""
-    if kind not in DEMO_MODELS:
-        raise IvitError(f"unknown demo model {kind!r}; choose from {', '.join(DEMO_MODELS)}")
-    name, img, f_epochs, f_lr, q_epochs, q_lr = DEMO_MODELS[kind]
-    epochs = f_epochs if epochs is None else epochs
-    qat_epochs = q_epochs if qat_epochs is None else qat_epochs
-    out = Path(out_dir)
+@dataclass(frozen=True)
+class DemoRun:
+    """The demo: ``model`` is ``vit`` or ``swin`` (``recipes.DEMO_MODELS``); ``float_training`` and ``qat``
+    are its schedules (``recipes.DEMO_FLOAT`` / ``recipes.DEMO_QAT``; ``qat=None``: PTQ only);
+    ``bench_batch`` images per latency call."""
+
+    model: str = "vit"
+    out_dir: str | os.PathLike[str] = "ivit-demo"
+    float_training: TrainConfig = recipes.DEMO_FLOAT
+    qat: TrainConfig | None = recipes.DEMO_QAT
+    bench_batch: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model not in recipes.DEMO_MODELS:
+            raise IvitError(f"unknown demo model {self.model!r}; choose from {', '.join(recipes.DEMO_MODELS)}")
+        if not isinstance(self.bench_batch, int) or self.bench_batch < 1:
+            raise IvitError("bench-batch must be >= 1")
+
+    def with_options(self, epochs: int | None = None, qat_epochs: int | None = None, batch: int | None = None,
+                     seed: int | None = None) -> DemoRun:
+        """A copy with the float/QAT epochs, the batch size and the seed replaced where given."""
+        common = {k: v for k, v in (("batch_size", batch), ("seed", seed)) if v is not None}
+        f = replace(self.float_training, **common, **({"epochs": epochs} if epochs is not None else {}))
+        q = self.qat if self.qat is not None else recipes.DEMO_QAT
+        q = None if qat_epochs == 0 else replace(q, **common, **({"epochs": qat_epochs} if qat_epochs else {}))
+        return replace(self, float_training=f, qat=q)
+
+
+@dataclass
+class DemoResult:
+    """The demo's numbers (``report``, also in ``OUT/report.json``) and where its files are."""
+
+    report: dict[str, Any]
+    out_dir: Path
+    program: Path
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.report["bitexact"] and self.report["integer_only"])
+
+
+def run_demo(cfg: DemoRun = DemoRun()) -> DemoResult:
+    """Run the demo and return its report (also written to ``OUT/report.json``)."""
+    name = recipes.DEMO_MODELS[cfg.model]
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise IvitError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    ivit_path = check_output_path(out / f"{name}.ivit", ".ivit output")
     t_start = time.time()
 
-    train_ds = data.digits("train", img)
-    test_ds = data.digits("test", img)
-    test_loader = data.make_loader(test_ds, 256, shuffle=False)
-
-    model = create_model(name)
-    fmodel = FloatWrapper(model)
-    train_ds.transform = data.train_augment(img, flip=False)
-    train(fmodel, data.make_loader(train_ds, batch, shuffle=True, seed=seed),
-          TrainConfig(epochs=epochs, lr=f_lr, warmup_epochs=1, seed=seed), progress=progress, desc="float")
-    fp32 = evaluate(fmodel, test_loader, progress=progress, desc="eval fp32")
-
-    qmodel = quantize(model)
-    train_ds.transform = None
-    calibrate(qmodel, data.make_loader(train_ds, batch, shuffle=True, seed=seed), max_batches=8, progress=progress)
-    ptq = evaluate(predict_int(qmodel), test_loader, progress=progress, desc="eval ptq")
-    if qat_epochs > 0:
-        train_ds.transform = data.train_augment(img, flip=False)
-        train(qmodel, data.make_loader(train_ds, batch, shuffle=True, seed=seed + 1),
-              TrainConfig(epochs=qat_epochs, lr=q_lr, weight_decay=0.0, seed=seed), progress=progress, desc="qat")
-    qmodel.eval()
-
-    program = freeze(qmodel, name=name)
-    ivit_path = out / f"{name}.ivit"
-    program.save(ivit_path)
-    engine = Engine(load_program(ivit_path))
-
-    # integer accuracy from the engine, and its bit-exactness against the PyTorch integer model
-    bitexact = True
-    int_correct = 0
-    n = 0
-    for x, y in test_loader:
-        e_logits = engine(x)
-        m_logits = qmodel.logits(x)
-        bitexact &= torch.equal(e_logits, m_logits)
-        int_correct += int((e_logits.argmax(-1) == y).sum())
-        n += y.shape[0]
-    int_top1 = int_correct / n
+    spec = ModelSpec(name)
+    ft = run_train(TrainRun(spec, _DATA, out / "float", train=cfg.float_training, resume="auto", device="cpu",
+                            progress=cfg.progress))
+    if ft.steps_run:  # the float model changed: an older QAT checkpoint no longer applies
+        (out / "qat" / CHECKPOINT_NAME).unlink(missing_ok=True)
+    trained = replace(spec, checkpoint=str(ft.files["model"]))
+    if cfg.qat is not None:
+        q = run_qat(QATRun(trained, _DATA, out / "qat", output=ivit_path, train=cfg.qat, resume="auto",
+                           bitexact_images=0, device="cpu", progress=cfg.progress))
+        ptq_top1, bitexact = q.ptq_top1, q.bitexact
+    else:
+        p = run_ptq(PTQRun(trained, _DATA, ivit_path, search=False, evaluate=True, bitexact_images=0, device="cpu",
+                           progress=cfg.progress))
+        ptq_top1, bitexact = p.top1, p.bitexact
+    ev = run_eval(EvalRun(ivit_path, _DATA, batch=256, progress=cfg.progress))
+    engine = open_program(ivit_path)
     check = verify_integer_only(engine)
 
-    x_bench = test_ds.images[:batch]
-    fp32_ms = median_ms(fmodel, x_bench)
-    int_ms = median_ms(engine, x_bench)
+    from .. import data
 
+    x_bench = data.digits("test", _IMG).images[: cfg.bench_batch]
     report = {
         "model": name,
         "dataset": "sklearn-digits",
-        "img_size": img,
-        "n_test": n,
-        "fp32_top1": fp32["top1"],
-        "ptq_top1": ptq["top1"],
-        "int_top1": int_top1,
+        "img_size": _IMG,
+        "n_test": ev.n,
+        "fp32_top1": ft.float_top1,
+        "ptq_top1": ptq_top1,
+        "int_top1": ev.top1,
         "bitexact": bool(bitexact),
         "integer_only": check.ok,
-        "fp32_ms": fp32_ms,
-        "int_ms": int_ms,
+        "fp32_ms": median_ms(ft.model.eval(), x_bench),
+        "int_ms": median_ms(engine, x_bench),
         "batch": int(x_bench.shape[0]),
         "threads": torch.get_num_threads(),
-        "epochs": epochs,
-        "qat_epochs": qat_epochs,
+        "epochs": cfg.float_training.epochs,
+        "qat_epochs": 0 if cfg.qat is None else cfg.qat.epochs,
         "ivit_file": str(ivit_path),
         "ivit_bytes": ivit_path.stat().st_size,
         "seconds": time.time() - t_start,
     }
-    write_json_atomic(out / "report.json", report)
-    return report
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return DemoResult(report, out, ivit_path)
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -1,24 +1,22 @@
-"""Training loops: the resumable ``Trainer`` (float and QAT), its sampler, schedule, logs, and the
-2-process ``torchrun`` run (DistributedDataParallel over gloo)."""
+"""The training loop: the resumable ``Trainer`` (float and QAT), its sampler, schedule, loss, logs and
+``TrainConfig`` (the 2-process ``torchrun`` run is in ``test_ddp.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import Subset
 
 import ivit
 from ivit import data
 from ivit.errors import IvitError
-from ivit.train import (
+from ivit.training import trainer as trainer_module
+from ivit.training.trainer import (
     EpochSampler,
     FloatWrapper,
     LogitsModule,
@@ -27,10 +25,7 @@ from ivit.train import (
     _loss,
     cosine_lr,
     evaluate_dataset,
-    train,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _digits(n_train: int = 256, img: int = 32) -> tuple[Subset, Subset]:
@@ -85,7 +80,7 @@ def test_float_trainer_learns_and_writes_logs(tmp_path: Path) -> None:
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
     csv_lines = (tmp_path / "log.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and {"epoch", "step", "lr", "loss", "float_top1", "time"} <= set(csv_lines[0].split(","))
-    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn after the last epoch
     assert (tmp_path / "checkpoint.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
@@ -107,13 +102,39 @@ def test_qat_trainer_keeps_integer_model_bit_exact(tmp_path: Path) -> None:
     assert evaluate_dataset(q, test_ds)["int_top1"] == pytest.approx(hist[0]["int_top1"])
 
 
-def test_legacy_train_function_still_trains() -> None:
-    train_ds, _ = _digits(128)
+def test_there_is_one_training_loop() -> None:
+    assert not hasattr(trainer_module, "train")  # the old in-memory loop is gone: Trainer is the loop
+    assert "train" not in trainer_module.__all__
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("epochs", 0, "epochs must be >= 1"),
+    ("lr", 0.0, "lr must be > 0"),
+    ("lr", math.nan, "lr must be a finite float"),
+    ("batch_size", 2.5, "batch_size must be a finite int"),
+    ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"),
+    ("distill_alpha", 2.0, r"distill_alpha must be in \[0, 1\]"),
+    ("weight_decay", -1.0, "weight_decay must be >= 0"),
+    ("epochs", True, "epochs must be a finite int"),
+])
+def test_train_config_validates_itself(field: str, value: object, match: str) -> None:
+    with pytest.raises(IvitError, match=match):
+        TrainConfig(**{field: value})
+    cfg = TrainConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+def test_diverging_run_stops_with_one_line(tmp_path: Path) -> None:
+    train_ds, _ = _digits(64)
     torch.manual_seed(0)
     model = FloatWrapper(ivit.create_model("vit_test"))
-    losses = train(model, data.make_loader(train_ds, 32, shuffle=True), TrainConfig(epochs=2, lr=3e-3),
-                   progress=False)
-    assert len(losses) == 2 and losses[1] < losses[0]
+    with torch.no_grad():
+        model.model.head.weight.fill_(float("nan"))
+    t = Trainer(model, train_ds, TrainConfig(epochs=1, batch_size=32), out_dir=tmp_path, progress=False)
+    with pytest.raises(IvitError, match="training diverged in epoch 1"):
+        t.fit()
+    assert not (tmp_path / "checkpoint.safetensors").exists()
 
 
 def test_trainer_rejects_tiny_data_and_missing_folder(tmp_path: Path) -> None:
@@ -132,40 +153,3 @@ def test_logits_module_gives_tensors_for_ddp() -> None:
     q.train()
     out = LogitsModule(q)(x)
     assert isinstance(out, torch.Tensor) and out.requires_grad and out.shape == (4, 10)
-
-
-def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
-    """``torchrun --nproc_per_node 2``: DDP QAT on CPU; both ranks end identical; rank 0 writes the .ivit."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun not installed next to the interpreter")
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "_ddp_worker.py"),
-           str(dump), "qat", "vit_test", "--data", "digits", "--epochs", "2", "--limit-train", "256",
-           "--limit-eval", "64", "--batch", "16", "--lr", "1e-4", "--calib-batches", "2", "--save-every", "3",
-           "--out", str(out), "--no-progress", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, err[-3000:]
-    r0, r1 = load_file(dump / "rank0.safetensors"), load_file(dump / "rank1.safetensors")
-    assert r0.keys() == r1.keys()
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # weights and observer buffers
-    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in recs] == [0, 1, 2]
-    assert recs[-1]["world_size"] == 2 and recs[-1]["ranks_in_sync"] is True
-    assert recs[-1]["step"] == 2 * (256 // 2 // 16)  # the data is sharded: 8 steps per epoch and rank
-    prog = ivit.load_program(out / "model.ivit")
-    q = ivit.quantize(ivit.create_model("vit_test"))
-    q.load_state_dict(r0)
-    q.eval()
-    x = data.digits("test", 32).images[:8]
-    assert torch.equal(ivit.Engine(prog)(x), q.logits(x))
