@@ -580,10 +580,22 @@ def test_bench_float_twin_over_the_limit_is_a_note(model_file: Path, capsys: pyt
     assert "torch fp32" not in cap.out and "ivit int" in cap.out
 
 
-def test_models_lists_names(capsys: pytest.CaptureFixture[str]) -> None:
+def test_models_lists_supported_names_by_family(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "deit_"]) == 0
-    names = capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    names = [ln.strip() for ln in lines if ln.startswith("  ")]
+    heads = [ln for ln in lines if not ln.startswith("  ")]
     assert "deit_tiny_patch16_224" in names and all("deit_" in n for n in names)
+    assert "deit_tiny_distilled_patch16_224" in names  # its own family
+    assert any(h.startswith("vit (") for h in heads) and any(h.startswith("deit_distilled (") for h in heads)
+
+
+def test_models_why(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--why", "vit_small_r26_s32_224"]) == 1
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("vit_small_r26_s32_224: not supported: ") and "\n" not in out
+    assert main(["models", "--why", "deit_small_patch16_224"]) == 0
+    assert capsys.readouterr().out.strip() == "deit_small_patch16_224: supported (vit)"
 
 
 def test_export_bad_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

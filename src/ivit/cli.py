@@ -346,11 +346,25 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
-    from .models import list_models
+    from .models.support import FAMILIES, list_supported, refused, support
 
-    for n in list_models():
-        if a.filter in n:
-            print(n)
+    if a.why:
+        ok, family, reason = support(a.why)
+        print(f"{a.why}: supported ({family})" if ok else f"{a.why}: not supported: {reason}")
+        return 0 if ok else 1
+    groups = list_supported(progress=sys.stderr.isatty(), refresh=a.refresh)
+    for family, names in groups.items():
+        shown = [n for n in names if a.filter in n]
+        if shown:
+            print(f"{family} ({len(shown)}): {FAMILIES.get(family, '')}")
+            for n in shown:
+                print(f"  {n}")
+    if a.all:
+        bad = {n: r for n, r in refused().items() if a.filter in n}
+        if bad:
+            print(f"refused ({len(bad)}):")
+            for n, r in bad.items():
+                print(f"  {n}: {r}")
     return 0
 
 
@@ -358,6 +372,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from .export import run_cli_export
 
     opts = {k: v for k, v in (("max_ram", a.max_ram), ("max_flash", a.max_flash)) if v is not None}
+    if a.batch is not None:
+        if a.format == "onnx":
+            raise IvitError("--batch: an ONNX export has a dynamic batch dimension")
+        opts["batch"] = a.batch
     return run_cli_export(a.file, a.format, a.output, verify=a.verify, limits=_limits(a), **opts)
 
 
@@ -525,17 +543,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-float", action="store_true", help="do not build and time the float network")
     b.set_defaults(fn=_cmd_bench)
 
-    x = sub.add_parser("export", help="write a .ivit program for another runtime (c: a C99 library; onnx)")
+    x = sub.add_parser("export", help="write a .ivit program for another runtime (onnx, tosa, c: a C99 library)")
     _program_options(x, backend=False)
-    x.add_argument("--format", required=True, help="exporter: c, onnx, ...")
+    x.add_argument("--format", required=True, help="exporter: onnx (ONNX Runtime), tosa (TOSA 1.0 flatbuffer), "
+                                                     "c (standalone C99, no floating point)")
+    x.add_argument("--batch", type=_pos, default=None, help="tosa, c: images per call (static; default 1)")
     x.add_argument("-o", "--output", required=True, help="output file or folder")
     x.add_argument("--verify", action="store_true", help="run the export in its runtime and compare with the engine")
     x.add_argument("--max-ram", default=None, help="c: refuse if the arena needs more bytes (e.g. 256K)")
     x.add_argument("--max-flash", default=None, help="c: refuse if the constants take more bytes (e.g. 1M)")
     x.set_defaults(fn=_cmd_export)
 
-    m = sub.add_parser("models", help="list supported model names")
-    m.add_argument("filter", nargs="?", default="")
+    m = sub.add_parser("models", help="list the model names that quantize and freeze, by family")
+    m.add_argument("filter", nargs="?", default="", help="only names containing this text")
+    m.add_argument("--why", metavar="NAME", default=None, help="say whether NAME is supported, or why not")
+    m.add_argument("--all", action="store_true", help="also list the refused names with their reasons")
+    m.add_argument("--refresh", action="store_true", help="rebuild the cached support table")
     m.set_defaults(fn=_cmd_models)
     return p
 

@@ -18,7 +18,7 @@ from ..config import QuantConfig
 from ..errors import IvitError
 from .base import QModel
 
-__all__ = ["create_model", "load_timm_checkpoint", "list_models", "register_converter", "converter_for",
+__all__ = ["create_model", "load_timm_checkpoint", "register_converter", "converter_for",
            "CUSTOM_MODELS", "DEFAULT_MEAN", "DEFAULT_STD", "normalization"]
 
 #: Normalization of a model whose ``pretrained_cfg`` names none (timm's ImageNet default).
@@ -64,16 +64,6 @@ def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...
     """``(mean, std)`` the float model expects its ``[0, 1]`` pixels normalized with (its ``pretrained_cfg``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", DEFAULT_MEAN)), tuple(cfg.get("std", DEFAULT_STD))
-
-
-def list_models() -> list[str]:
-    """Supported model names: the custom sizes plus the timm families we convert."""
-    import timm
-
-    names = set(CUSTOM_MODELS)
-    for pattern in ("deit_*", "vit_*", "swin_*"):
-        names.update(timm.list_models(pattern))
-    return sorted(names)
 
 
 def create_model(name: str, *, pretrained: bool = False, checkpoint: str | None = None,

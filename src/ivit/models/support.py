@@ -24,7 +24,7 @@ from ..errors import IvitError
 from . import eva, swin, vit, vit_relpos
 from .factory import CUSTOM_MODELS, register_converter
 
-__all__ = ["PATTERNS", "FAMILIES", "support", "classify", "list_supported", "support_table", "refused",
+__all__ = ["PATTERNS", "FAMILIES", "support", "classify", "list_supported", "list_models", "support_table", "refused",
            "swin_reason", "cache_path"]
 
 #: timm name patterns searched for supported models
@@ -212,6 +212,11 @@ def list_supported(progress: bool = False, cache_dir: str | os.PathLike[str] | N
         if ok:
             out.setdefault(family, []).append(name)
     return {f: names for f, names in out.items() if names}
+
+
+def list_models(progress: bool = False) -> list[str]:
+    """Every model name that quantizes and freezes (all families, sorted): what ``ivit models`` lists."""
+    return sorted(n for names in list_supported(progress).values() for n in names)
 
 
 def refused(progress: bool = False, cache_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
