@@ -59,11 +59,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @dataclass(frozen=True)
 class BenchModel:
-    """A benchmark model: its label, the float network (``ivit.ModelSpec``) and a description."""
+    """A benchmark model: its label, the float network (``ivit.ModelSpec``), a description, and the attention
+    probability modes (``QuantConfig.probs``) its integer versions are measured with (the first is the
+    default; the others share the float model and get their own rows)."""
 
     label: str
     spec: ivit.ModelSpec
     description: str
+    probs: tuple[str, ...] = ("rel8",)
 
 
 MODELS: dict[str, BenchModel] = {
@@ -73,6 +76,11 @@ MODELS: dict[str, BenchModel] = {
                                                                   embed_dim=64, depths=[2, 2], num_heads=[2, 4],
                                                                   mlp_ratio=2.0, num_classes=10)),
                        "Swin: 28x28, patch 2 (14x14 tokens), window 7, depths 2+2, widths 64/128, MLP 2x"),
+    # 197 tokens, as every DeiT/ViT at 224x224: where the I-ViT Shiftmax's 8-bit absolute probabilities collapse
+    "vit197": BenchModel("ViT-197", ivit.ModelSpec("vit_fmnist", dict(img_size=28, patch_size=2, embed_dim=64, depth=4,
+                                                                      num_heads=4, mlp_ratio=2.0, num_classes=10)),
+                         "ViT-197: 28x28, patch 2 (196+1 tokens), depth 4, width 64, 4 heads, MLP 2x",
+                         probs=("rel8", "shiftmax8")),
 }
 DATA = "fashion-mnist"
 
@@ -126,11 +134,24 @@ def inject_layernorm_outliers(model: torch.nn.Module, scale: float, channels: in
                     lin.weight[:, ch] /= scale
 
 
-def run_model(key: str, s: Settings, out: Path, progress: bool, log: Console) -> dict[str, Any]:
+def run_model(key: str, s: Settings, out: Path, progress: bool, log: Console) -> list[dict[str, Any]]:
+    """One row per attention mode of the model (the float model is trained once)."""
     bm = MODELS[key]
-    run_dir = out / "runs" / key
+    rows = []
+    for i, probs in enumerate(bm.probs):
+        rows.append(run_variant(key, probs, s, out, progress, log, outliers=i == 0, plot=i == 0))
+    return rows
+
+
+def run_variant(key: str, probs: str, s: Settings, out: Path, progress: bool, log: Console, outliers: bool,
+                plot: bool) -> dict[str, Any]:
+    bm = MODELS[key]
+    base_dir = out / "runs" / key
+    run_dir = base_dir if probs == bm.probs[0] else base_dir / probs
     run_dir.mkdir(parents=True, exist_ok=True)
-    row: dict[str, Any] = {"model": bm.label, "description": bm.description}
+    quant = ivit.QuantConfig(probs=probs)
+    label = bm.label if len(bm.probs) == 1 else f"{bm.label} ({probs})"
+    row: dict[str, Any] = {"model": label, "description": bm.description, "probs": probs}
     times: dict[str, float] = {}
     common = dict(device="cpu", progress=progress)
     evals = dict(evaluate=True, limit_eval=s.limit_test, eval_batch=4 * s.batch, bitexact_images=s.bitexact_images)
@@ -140,7 +161,7 @@ def run_model(key: str, s: Settings, out: Path, progress: bool, log: Console) ->
     t0 = time.time()
     fcfg = replace(recipes.FLOAT_TRAINING, epochs=s.float_epochs, lr=s.float_lr, batch_size=s.batch,
                    warmup_epochs=min(1.0, s.float_epochs / 4))
-    ft = ivit.run_train(ivit.TrainRun(bm.spec, DATA, run_dir / "float", train=fcfg, limit_train=s.limit_train,
+    ft = ivit.run_train(ivit.TrainRun(bm.spec, DATA, base_dir / "float", train=fcfg, limit_train=s.limit_train,
                                       limit_eval=s.limit_test, resume="auto", **common))
     if ft.steps_run:  # the float model changed: an older QAT checkpoint no longer applies
         (run_dir / "qat" / CHECKPOINT_NAME).unlink(missing_ok=True)
@@ -148,27 +169,27 @@ def run_model(key: str, s: Settings, out: Path, progress: bool, log: Console) ->
     row["fp32"] = ft.float_top1
     weights = replace(ft.spec, checkpoint=str(ft.files["model"]))
     times["float_train_s"] = round(time.time() - t0, 1)
-    log.print(f"{bm.label}: FP32 top-1 {row['fp32'] * 100:.2f}% ({times['float_train_s']:.0f} s)")
+    log.print(f"{label}: FP32 top-1 {row['fp32'] * 100:.2f}% ({times['float_train_s']:.0f} s)")
 
     # 3. PTQ with fixed parameters
     t0 = time.time()
-    res = ivit.run_ptq(ivit.PTQRun(weights, DATA, run_dir / "ptq_fixed.ivit", search=False, **calib, **evals,
-                                   **common))
+    res = ivit.run_ptq(ivit.PTQRun(weights, DATA, run_dir / "ptq_fixed.ivit", search=False, quant=quant, **calib,
+                                   **evals, **common))
     row["ptq_fixed"], row["bitexact_ptq_fixed"] = res.top1, res.bitexact
     times["ptq_fixed_s"] = round(time.time() - t0, 1)
-    log.print(f"{bm.label}: PTQ (fixed parameters) top-1 {res.top1 * 100:.2f}% bit-exact {res.bitexact}")
+    log.print(f"{label}: PTQ (fixed parameters) top-1 {res.top1 * 100:.2f}% bit-exact {res.bitexact}")
 
     # 4. PTQ with the per-layer search (LayerNorm balancing, clipping ranges, ShiftExp shifts)
     t0 = time.time()
-    res = ivit.run_ptq(ivit.PTQRun(weights, DATA, run_dir / "ptq.ivit", search_images=s.search_images,
+    res = ivit.run_ptq(ivit.PTQRun(weights, DATA, run_dir / "ptq.ivit", search_images=s.search_images, quant=quant,
                                    report=run_dir / "ptq_search.json", **calib, **evals, **common))
     row["ptq"], row["bitexact_ptq"] = res.top1, res.bitexact
     row["search"] = res.search.summary() if res.search is not None else None
     times["ptq_search_total_s"] = round(time.time() - t0, 1)
-    log.print(f"{bm.label}: PTQ (searched) top-1 {res.top1 * 100:.2f}% bit-exact {res.bitexact}; {row['search']}")
+    log.print(f"{label}: PTQ (searched) top-1 {res.top1 * 100:.2f}% bit-exact {res.bitexact}; {row['search']}")
 
     # 4b. the same float model with LayerNorm outlier channels (float function unchanged): fixed vs searched
-    if s.outlier_scale > 1:
+    if s.outlier_scale > 1 and outliers:
         t0 = time.time()
         omodel = copy.deepcopy(ft.model.model)
         inject_layernorm_outliers(omodel, s.outlier_scale)
@@ -180,18 +201,18 @@ def run_model(key: str, s: Settings, out: Path, progress: bool, log: Console) ->
         row["fp32_outliers"] = evaluate_dataset(FloatWrapper(omodel), test, 4 * s.batch)["float_top1"]
         for key_, search_on in (("ptq_fixed_outliers", False), ("ptq_outliers", True)):
             res = ivit.run_ptq(ivit.PTQRun(replace(weights, checkpoint=str(opath)), DATA, run_dir / f"{key_}.ivit",
-                                           search=search_on, search_images=s.search_images, **calib,
+                                           search=search_on, search_images=s.search_images, quant=quant, **calib,
                                            **evals, **common))
             row[key_], row[f"bitexact_{key_}"] = res.top1, res.bitexact
         times["outliers_s"] = round(time.time() - t0, 1)
-        log.print(f"{bm.label} + LayerNorm outliers x{s.outlier_scale:g}: FP32 {row['fp32_outliers'] * 100:.2f}%, "
+        log.print(f"{label} + LayerNorm outliers x{s.outlier_scale:g}: FP32 {row['fp32_outliers'] * 100:.2f}%, "
                   f"PTQ fixed {row['ptq_fixed_outliers'] * 100:.2f}%, PTQ searched {row['ptq_outliers'] * 100:.2f}%")
 
     # 5. QAT from the fixed-parameter calibration (the I-ViT flow), a short schedule of the QAT recipe
     t0 = time.time()
     qcfg = replace(recipes.QAT_TRAINING, epochs=s.qat_epochs, lr=s.qat_lr, weight_decay=0.0, batch_size=s.batch,
                    distill_alpha=recipes.DISTILL_ALPHA if s.distill else 0.0)
-    q = ivit.run_qat(ivit.QATRun(weights, DATA, run_dir / "qat", train=qcfg, **calib,
+    q = ivit.run_qat(ivit.QATRun(weights, DATA, run_dir / "qat", train=qcfg, quant=quant, **calib,
                                  limit_train=s.qat_limit_train or s.limit_train, limit_eval=s.limit_test,
                                  resume="auto", bitexact_images=s.bitexact_images, **common))
     times["qat_train_s"] = round(time.time() - t0, 1)
@@ -201,9 +222,11 @@ def run_model(key: str, s: Settings, out: Path, progress: bool, log: Console) ->
     row["test_images"] = ev.n
     row["integer_ops"] = len(q.program.nodes) if q.program is not None else None
     times["qat_total_s"] = round(time.time() - t0, 1)
-    log.print(f"{bm.label}: QAT top-1 {ev.top1 * 100:.2f}% bit-exact {q.bitexact}")
+    log.print(f"{label}: QAT top-1 {ev.top1 * 100:.2f}% bit-exact {q.bitexact}")
     row["times"] = times
 
+    if not plot:
+        return row
     # float training curve, then the integer model (PTQ at the last float epoch, QAT after it)
     e = len(ft.history)
     curve = [{"epoch": r["epoch"], "float_top1": r["float_top1"]} for r in ft.history]
@@ -237,14 +260,15 @@ def _markdown(rows: list[dict[str, Any]], cmd: str, meta: dict[str, Any]) -> str
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {pct(r['fp32'])} | {pct(r['ptq_fixed'])} | "
                      f"{pct(r['ptq'])} | {pct(r['qat'])} | {100 * (r['ptq'] - r['fp32']):+.2f} | "
                      f"{100 * (r['qat'] - r['fp32']):+.2f} | {'yes' if ok else 'NO'} |")
-    if all("ptq_outliers" in r for r in rows):
+    with_outliers = [r for r in rows if "ptq_outliers" in r]
+    if with_outliers:
         lines += ["", "PTQ on the same float models with LayerNorm outlier channels (2 channels per LayerNorm "
                   f"scaled x{meta['settings']['outlier_scale']:g}, the next layer's weights divided by the same: "
                   "the float function is unchanged; this mimics the post-LayerNorm outliers of pretrained "
                   "DeiT-B/ViT-B):", "",
                   "| model | FP32 | PTQ (fixed parameters) | PTQ (per-layer search) | bit-exact |",
                   "|---|---:|---:|---:|:---:|"]
-        for r in rows:
+        for r in with_outliers:
             ok = r["bitexact_ptq_fixed_outliers"] and r["bitexact_ptq_outliers"]
             lines.append(f"| {r['model']} | {pct(r['fp32_outliers'])} | {pct(r['ptq_fixed_outliers'])} | "
                          f"{pct(r['ptq_outliers'])} | {'yes' if ok else 'NO'} |")
@@ -259,7 +283,7 @@ def _markdown(rows: list[dict[str, Any]], cmd: str, meta: dict[str, Any]) -> str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small smoke run (subsets, few epochs)")
-    p.add_argument("--models", default="vit,swin", help="comma list of: " + ",".join(MODELS))
+    p.add_argument("--models", default="vit,swin,vit197", help="comma list of: " + ",".join(MODELS))
     p.add_argument("--out", default=str(RESULTS), help="results folder")
     p.add_argument("--float-epochs", type=int, default=None)
     p.add_argument("--qat-epochs", type=int, default=None)
@@ -290,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(exist_ok=True)
     con = Console(stderr=True)
     t0 = time.time()
-    rows = [run_model(k, s, out, not a.no_progress, con) for k in keys]
+    rows = [r for k in keys for r in run_model(k, s, out, not a.no_progress, con)]
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "total_s": round(time.time() - t0, 1), "settings": s.__dict__,
             "python": sys.version.split()[0]}
