@@ -7,14 +7,19 @@ the ivit engine gets the uint8 pixels those floats were normalized from.
 Timing: methods are built first, then timed round-robin (round-major, so slow drift of the
 machine hits every method alike). In each round a method runs ``--warmup`` untimed calls, then
 ``--iters`` timed calls; the round's median is kept, and the reported ``median_ms`` pools the
-timed calls of all rounds (``min_ms`` is their minimum).
+timed calls of all rounds (``min_ms`` is their minimum). Every thread count of ``--threads`` (default
+1 and 2) is a separate pass over all models and batches.
+
+Fidelity: ``cos vs fp32`` is the cosine similarity of each method's logits to the fp32 PyTorch logits on
+the benchmark images (scale-free, so the integer logits of ivit compare directly). ``ivit_int`` is
+``ivit.Engine(program)``: the default backend (its name and code path are in the note).
 
 A method whose optional package is missing, or whose conversion fails, is reported as
 ``n/a (reason)`` and the others go on.
 
 Example::
 
-    python benchmarks/cpu_latency.py --models deit_tiny_patch16_224 --batches 1 --rounds 1 \\
+    python benchmarks/cpu_latency.py --models deit_tiny_patch16_224 --batches 1 --rounds 1 --threads 1 2 \\
         --json cpu.json --png cpu.png
 """
 
@@ -366,11 +371,21 @@ def _ivit_runner(
     def run() -> Any:
         return eng(x)
 
+    run.backend = ivit_backend_note(eng)  # type: ignore[attr-defined]
     return run
 
 
+def ivit_backend_note(eng: Any) -> str:
+    """The engine's backend, with the code path of a compiled one (e.g. ``compiled (avx512vnni)``)."""
+    info = eng.compiled.info if getattr(eng, "compiled", None) is not None else {}
+    if info.get("fallback"):
+        return f"{eng.backend} (fallback: {info['fallback']})"
+    return f"{eng.backend} ({info['isa']})" if info.get("isa") else str(eng.backend)
+
+
 def _ivit_int(case: Case) -> tuple[Runner, str | None]:
-    return _ivit_runner(case.model, case.pixels, case.calib_pixels[0]), "uint8 pixels in"
+    run = _ivit_runner(case.model, case.pixels, case.calib_pixels[0])
+    return run, f"uint8 pixels in, backend {run.backend}"  # type: ignore[attr-defined]
 
 
 BUILDERS: dict[str, Callable[[Case], tuple[Runner, str | None]]] = {
@@ -500,9 +515,9 @@ def print_case(console: Console, rows: list[Row]) -> None:
     for col, just in (
         ("method", "left"),
         ("median ms", "right"),
+        ("cos vs fp32", "right"),
         ("min ms", "right"),
         ("speedup vs torch_fp32", "right"),
-        ("cos vs fp32", "right"),
         ("note", "left"),
     ):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
@@ -512,7 +527,7 @@ def print_case(console: Console, rows: list[Row]) -> None:
             continue
         speed = f"{base / r.median_ms:.2f}x" if base else "-"
         cos = f"{r.cos_vs_fp32:.4f}" if r.cos_vs_fp32 is not None else "-"
-        table.add_row(r.method, f"{r.median_ms:.2f}", f"{r.min_ms:.2f}", speed, cos, r.note or "")
+        table.add_row(r.method, f"{r.median_ms:.2f}", cos, f"{r.min_ms:.2f}", speed, r.note or "")
     console.print(table)
 
     ours = next((r for r in rows if r.method == OURS), None)
@@ -541,22 +556,27 @@ def write_png(rows: list[Row], path: Path, methods: Sequence[str]) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    batches = sorted({r.batch for r in rows})
+    panels = sorted({(r.threads, r.batch) for r in rows})
     models = list(dict.fromkeys(r.model for r in rows))
+    ncol = len({b for _, b in panels})
+    nrow = -(-len(panels) // ncol)
     fig, axes = plt.subplots(
-        1, len(batches), figsize=(max(7, 2.2 * len(models) + 3) * len(batches), 5), squeeze=False
+        nrow, ncol, figsize=(max(7, 2.2 * len(models) + 3) * ncol, 5 * nrow), squeeze=False
     )
     width = 0.8 / max(1, len(methods))
     # One color per method whatever subset is selected; ours in black so it stands out.
     colors = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(x for x in METHODS if x != OURS)}
     colors[OURS] = "black"
-    lookup = {(r.model, r.batch, r.method): r.median_ms for r in rows}
-    for ax, batch in zip(axes[0], batches, strict=True):
+    lookup = {(r.model, r.threads, r.batch, r.method): r.median_ms for r in rows}
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (threads, batch) in zip(flat, panels, strict=False):
         for j, m in enumerate(methods):
             xs, ys = [], []
             for i, model in enumerate(models):
                 x = i + (j - (len(methods) - 1) / 2) * width
-                v = lookup.get((model, batch, m))
+                v = lookup.get((model, threads, batch, m))
                 if v is None:  # n/a: a label where the bar would be
                     ax.text(x, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="gray")
                 else:
@@ -565,11 +585,12 @@ def write_png(rows: list[Row], path: Path, methods: Sequence[str]) -> None:
             ax.bar(xs, ys, width, color=colors[m])
         ax.set_xticks(range(len(models)), [m.replace("_patch", "\n_patch") for m in models], fontsize=8)
         ax.set_ylabel("median latency (ms)")
-        ax.set_title(f"batch {batch}, {rows[0].threads} threads")
+        ax.set_title(f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}")
         ax.grid(axis="y", alpha=0.3)
     handles = [Patch(color=colors[m], label=m) for m in methods]  # also for methods that are all n/a
     axes[0][-1].legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"CPU latency ({rows[0].cpu})", fontsize=10)
+    ours = next((r.note for r in rows if r.method == OURS and r.note), "")
+    fig.suptitle(f"CPU latency ({rows[0].cpu}); ivit: {ours}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -626,13 +647,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timing rounds per method")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls at the start of each round")
     p.add_argument("--iters", type=int, default=20, help="timed calls per round")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every method")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="thread counts (every method uses the same count; one pass per count)")
     p.add_argument("--calib-batches", type=int, default=2, help="random calibration batches (int8 peers)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and images")
     p.add_argument("--json", type=Path, default=None, help="write the rows as a JSON list")
     p.add_argument("--png", type=Path, default=None, help="write a grouped bar chart")
     args = p.parse_args(argv)
-    if min(args.batches) < 1 or args.rounds < 1 or args.iters < 1 or args.warmup < 0 or args.threads < 1:
+    if min(args.batches) < 1 or args.rounds < 1 or args.iters < 1 or args.warmup < 0 or min(args.threads) < 1:
         p.error("batches, rounds, iters and threads must be >= 1, warmup >= 0")
     if args.calib_batches < 1:
         p.error("--calib-batches must be >= 1")
@@ -655,19 +677,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:  # piped to a file: do not squeeze the tables into 80 columns
         console = Console(width=150)
-    torch.set_num_threads(args.threads)
     methods = list(dict.fromkeys(args.methods))
     if BASELINE not in methods:
         console.print(f"[yellow]{BASELINE} not selected: no speedup column[/]")
-    meta = dict(
-        threads=args.threads,
-        rounds=args.rounds,
-        warmup=args.warmup,
-        iters=args.iters,
-        versions=library_versions(),
-        cpu=cpu_name(),
-    )
-    console.print(f"cpu: {meta['cpu']}  threads: {args.threads}  versions: {meta['versions']}")
+    versions, cpu = library_versions(), cpu_name()
+    console.print(f"cpu: {cpu}  threads: {args.threads}  versions: {versions}")
+    if "ivit_int" in methods:
+        import ivit
+
+        console.print(f"ivit backend: {os.environ.get('IVIT_BACKEND') or ivit.backends.DEFAULT_BACKEND}")
 
     rows: list[Row] = []
     # ONNX Runtime's quantization tools drop temporary files into the working directory: run in a scratch one
@@ -685,30 +703,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             transient=True,
         ) as progress,
     ):
-        for name in args.models:
-            torch.manual_seed(args.seed)
-            model = timm.create_model(name, pretrained=False).eval()
-            cfg = model.pretrained_cfg
-            mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-            for batch in args.batches:
-                pixels = random_pixels(batch, args.seed)
-                calib_pixels = [random_pixels(batch, args.seed + 1 + i) for i in range(args.calib_batches)]
-                case_dir = Path(tmp) / f"{name}_b{batch}"
-                case_dir.mkdir()
-                case = Case(
-                    name=name,
-                    model=model,
-                    batch=batch,
-                    threads=args.threads,
-                    pixels=pixels,
-                    x=normalize(pixels, mean, std),
-                    calib_pixels=calib_pixels,
-                    calib_x=[normalize(c, mean, std) for c in calib_pixels],
-                    workdir=case_dir,
-                )
-                case_rows = bench_case(case, methods, args, progress, meta)
-                rows.extend(case_rows)
-                print_case(console, case_rows)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            meta = dict(threads=threads, rounds=args.rounds, warmup=args.warmup, iters=args.iters, versions=versions,
+                        cpu=cpu)
+            for name in args.models:
+                torch.manual_seed(args.seed)
+                model = timm.create_model(name, pretrained=False).eval()
+                cfg = model.pretrained_cfg
+                mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
+                for batch in args.batches:
+                    pixels = random_pixels(batch, args.seed)
+                    calib_pixels = [random_pixels(batch, args.seed + 1 + i) for i in range(args.calib_batches)]
+                    case_dir = Path(tmp) / f"{name}_b{batch}_t{threads}"
+                    case_dir.mkdir()
+                    case = Case(
+                        name=name,
+                        model=model,
+                        batch=batch,
+                        threads=threads,
+                        pixels=pixels,
+                        x=normalize(pixels, mean, std),
+                        calib_pixels=calib_pixels,
+                        calib_x=[normalize(c, mean, std) for c in calib_pixels],
+                        workdir=case_dir,
+                    )
+                    case_rows = bench_case(case, methods, args, progress, meta)
+                    rows.extend(case_rows)
+                    print_case(console, case_rows)
 
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")

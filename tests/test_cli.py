@@ -450,12 +450,12 @@ def test_eval_non_ivit_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 ])
 def test_a_program_failing_at_run_time_is_one_line(model_file: Path, capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch, cmd: list[str]) -> None:
-    from ivit.ir import interpret
+    from ivit.backends.engine import Engine
 
     def broken(*a: object, **k: object) -> None:
         raise RuntimeError("shape '[-1, 7]' is invalid for input of size 10")  # what a kernel might raise
 
-    monkeypatch.setattr(interpret, "run", broken)
+    monkeypatch.setattr(Engine, "run", broken)  # every backend runs through it
     capsys.readouterr()
     code = main([c.format(f=model_file) for c in cmd])
     line = assert_one_line_error(code, capsys.readouterr().err, f"invalid program in {model_file}: ")

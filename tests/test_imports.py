@@ -2,7 +2,8 @@
 
 Every ``import`` statement of every module (module level and inside functions) is read with ``ast``.
 Layers, bottom to top (``../shared/docs/ARCHITECTURE.md``): the integer ops and plain utilities; the
-IR (op set, format, validation, passes, tracing); quantized tensors and the native kernel loader;
+IR (op set, format, validation, passes, tracing); quantized tensors, the native kernel loader and C code
+generation;
 quantized modules; models; quantization; backends; proof and exporters; training, data and benchmarks;
 workflows; the CLI; the package root.  A module may import its own layer or lower ones.
 """
@@ -21,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ivit"
 LAYERS: list[tuple[str, ...]] = [
     ("ivit.errors", "ivit.ops", "ivit._io", "ivit.config"),
     ("ivit.ir",),
-    ("ivit.qtensor", "ivit.native"),
+    ("ivit.qtensor", "ivit.native", "ivit.codegen"),
     ("ivit.nn",),
     ("ivit.models",),
     ("ivit.quant",),

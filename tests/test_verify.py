@@ -18,7 +18,7 @@ import torch
 import ivit
 from conftest import make_qmodel
 from ivit import native
-from ivit.backends import BACKENDS, Backend, register_backend
+from ivit.backends import BACKENDS, Backend, get_backend, register_backend
 from ivit.ir.opset import OPSET
 from ivit.verify import verify_integer_only
 
@@ -33,13 +33,14 @@ def program() -> ivit.Program:
 
 @needs_c
 @needs_objdump
-def test_default_backend_proof_has_three_passing_checks(program: ivit.Program) -> None:
-    proof = verify_integer_only(ivit.Engine(program))
-    assert proof.backend == "cpu"
+@pytest.mark.parametrize("backend", [None, "cpu"], ids=["default", "cpu"])
+def test_native_backend_proof_has_three_passing_checks(program: ivit.Program, backend: str | None) -> None:
+    proof = verify_integer_only(ivit.Engine(program, backend=backend))
+    assert proof.backend == (backend or get_backend("fast").name)
     assert proof.ok, proof.summary()
     lines = proof.lines()
     assert lines[0].startswith("static: yes")
-    assert lines[1].startswith("aten (cpu backend): yes")
+    assert lines[1].startswith(f"aten ({proof.backend} backend): yes")
     assert lines[2].startswith("native: yes") and proof.native_used
     assert proof.summary().startswith("integer-only: yes")
 

@@ -446,7 +446,9 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 def _program_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
     p.add_argument("file", help=".ivit program")
     if backend:
-        p.add_argument("--backend", default=None, help="engine backend (default: cpu; reference: the specification)")
+        p.add_argument("--backend", default=None,
+                       help="engine backend (default fast: compiled, or cpu without a C compiler; reference: the "
+                            "specification)")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="raise a resource limit (see ivit.Limits), e.g. max_const_bytes=8e9")
 

@@ -23,11 +23,15 @@ from torch import Tensor
 import ivit
 from conftest import make_qmodel, random_pixels
 from ivit import Engine, Program, verify_integer_only
+from ivit.backends import base as backend_base
+from ivit.backends import get_backend
+from ivit.backends.compiled import build as compiled_build
 from ivit.ir import OPSET
 from ivit.models.base import QModel
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-BACKENDS = ["reference", "cpu"]
+BACKENDS = ["reference", "cpu", *(["compiled"] if compiled_build.available() else [])]
+FAST_HERE = get_backend("fast").name  # compiled where a C compiler is, else cpu
 
 #: model -> (model name, create_model kwargs, calibration batches, calibration batch size, largest test batch)
 MODELS: dict[str, tuple[str, dict, int, int, int]] = {
@@ -303,7 +307,7 @@ def test_load_returns_callable_engine(tmp_path: Path, small: tuple[QModel, Progr
     q, prog = small
     path = prog.save(tmp_path / "m.ivit")
     engine = ivit.load(path)
-    assert isinstance(engine, Engine) and engine.backend == "cpu"
+    assert isinstance(engine, Engine) and engine.backend == FAST_HERE
     x = random_pixels(3, 32, seed=8)
     logits = engine(x)
     assert logits.dtype == torch.int32 and torch.equal(logits, q.logits(x))
@@ -316,7 +320,11 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch, small: tuple[QModel,
     _, prog = small
     with pytest.raises(ivit.IvitError, match="unknown backend"):
         Engine(prog, backend="tensorrt")
-    assert Engine(prog, backend="fast").backend == "cpu"  # the old name is an alias
+    assert Engine(prog).backend == Engine(prog, backend="fast").backend == FAST_HERE  # the default is "fast"
+    no_cc = dataclasses.replace(backend_base.BACKENDS["compiled"], available=lambda: False)
+    monkeypatch.setitem(backend_base.BACKENDS, "compiled", no_cc)  # no C compiler: fast is cpu
+    assert Engine(prog).backend == "cpu"
+    monkeypatch.undo()
     monkeypatch.setenv("IVIT_BACKEND", "reference")
     assert Engine(prog).backend == "reference"
     assert Engine(prog, backend="cpu").backend == "cpu"

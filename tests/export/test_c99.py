@@ -32,10 +32,10 @@ import ivit
 import ivit.export
 from conftest import make_qmodel
 from ivit import ops
+from ivit.codegen.c.generator import NodeCtx, _Buf, lower_graph, plan_arena
 from ivit.errors import IvitError
 from ivit.export import c99
 from ivit.export.c99 import cortexm
-from ivit.export.c99.generator import _Buf, lower_graph, plan_arena
 from ivit.export.c99.host import HOST_FLAGS, compile_c, host_cc, link
 from ivit.ir import OPSET, Node, Program, ProgramError, TType, apply_passes
 from ivit.ir.opset import Check
@@ -529,12 +529,12 @@ def test_batch_of_two_per_call(tmp_path: Path) -> None:
 def test_another_flavour_plugs_in(tmp_path: Path) -> None:
     """A threaded runtime flavour: 64-bit loop counters, an OpenMP pragma on row loops, an overriding
     ``linear`` lowering; the same integers."""
+    from ivit.codegen.c.lowerings import LOWERINGS, Kernel
     from ivit.export.c99.host import build_host_harness, run_host_harness
-    from ivit.export.c99.lowerings import LOWERINGS, Kernel
 
     seen: list[int] = []
 
-    def linear(n: c99.generator.NodeCtx) -> Kernel:
+    def linear(n: NodeCtx) -> Kernel:
         k = LOWERINGS["linear"](n)
         seen.append(n.index)
         assert isinstance(k, Kernel)

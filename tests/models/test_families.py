@@ -26,6 +26,7 @@ from torch import nn
 
 import ivit
 from conftest import random_pixels, sqnr_db
+from ivit.backends.compiled import build as compiled_build
 from ivit.models import support as S
 from ivit.models.factory import CUSTOM_MODELS
 from ivit.models.vit import QViT
@@ -90,7 +91,7 @@ def _calibrated(build: Callable[[], nn.Module], config: ivit.QuantConfig | None 
 
 
 def _check_engines(q: ivit.models.QModel, prog: ivit.Program) -> None:
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", "cpu", *(["compiled"] if compiled_build.available() else [])):
         engine = ivit.Engine(prog, backend=backend)
         for batch in (1, 3):
             x = random_pixels(batch, q.img_size, seed=10 + batch)

@@ -21,6 +21,7 @@ from torch import Tensor
 import ivit
 from conftest import make_qmodel, random_pixels, sqnr_db
 from ivit import Engine, Program, ops
+from ivit.backends.compiled import build as compiled_build
 from ivit.cli import main as cli_main
 from ivit.ir.opset import expand_window_mask
 from ivit.models.base import QModel
@@ -288,8 +289,10 @@ def test_relative_position_bias_added_exactly_at_score_scale(small: QSwin) -> No
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 5])
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "compiled"])
 def test_engine_bitexact_vs_model(case: Case, backend: str, batch: int) -> None:
+    if backend == "compiled" and not compiled_build.available():
+        pytest.skip("no C compiler with OpenMP")
     engine = Engine(case.program, backend=backend)
     x = case.x[:batch]
     out = engine(x)

@@ -76,7 +76,15 @@ def backend_names() -> list[str]:
     return sorted(BACKENDS)
 
 
-def get_backend(name: str) -> Backend:
+#: what ``"fast"`` (the default) means on each device type: the first of these backends available here
+FAST: dict[str, tuple[str, ...]] = {"cpu": ("compiled", "cpu"), "cuda": ("triton",)}
+
+
+def get_backend(name: str, device: str = "cpu") -> Backend:
+    """The registered backend ``name`` (or alias); ``"fast"`` is the first available of ``FAST[device]``."""
+    if name == "fast":
+        order = FAST.get(device, ("cpu",))
+        name = next((n for n in order if n in BACKENDS and BACKENDS[n].available()), order[-1])
     b = BACKENDS.get(_ALIASES.get(name, name))
     if b is None:
         raise IvitError(f"unknown backend {name!r} (choose from {', '.join(backend_names())})")

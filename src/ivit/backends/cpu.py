@@ -1,4 +1,4 @@
-"""The ``cpu`` backend (alias ``fast``, the default): exact native kernels for the CPU.
+"""The ``cpu`` backend (``fast`` where no C compiler is here): exact native kernels for the CPU, one call per op.
 
 * int8 GEMMs through ``ivit.native.gemm`` (oneDNN where it is provably exact on this CPU, else our own
   C GEMM that never saturates);
@@ -87,7 +87,6 @@ def cpu_kernels() -> dict[str, Callable[..., Fn]]:
 
 CPU = register_backend(Backend(
     name="cpu",
-    aliases=("fast",),
     devices=("cpu",),
     available=lambda: True,
     kernels=cpu_kernels,

@@ -26,7 +26,7 @@ from .base import Backend, Compiled, get_backend
 __all__ = ["Engine", "load", "DEFAULT_BACKEND"]
 
 #: the backend ``Engine`` uses unless told otherwise (env ``IVIT_BACKEND`` overrides)
-DEFAULT_BACKEND = "cpu"
+DEFAULT_BACKEND = "fast"
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -44,17 +44,19 @@ class Engine:
 
     Args:
         program: a ``Program`` (from ``ivit.freeze`` or ``ivit.load``).
-        backend: a registered backend name (``"cpu"``/``"fast"``, the default; ``"reference"``, the
-            specification).  Env ``IVIT_BACKEND`` overrides the default.
+        backend: a registered backend name: ``"fast"`` (the default) is ``"compiled"`` where a C compiler
+            with OpenMP is here, else ``"cpu"``; ``"reference"`` is the specification.  Env
+            ``IVIT_BACKEND`` overrides the default.
         device: torch device of constants and execution (default cpu).
         limits: resource limits (``ivit.Limits``) checked before anything runs.
     """
 
     def __init__(self, program: Program, backend: str | None = None, device: str | torch.device = "cpu",
                  limits: Limits | None = None) -> None:
-        self.backend_def: Backend = get_backend(backend or os.environ.get("IVIT_BACKEND", DEFAULT_BACKEND))
-        self.backend = self.backend_def.name
         self.device = _device(device)
+        self.backend_def: Backend = get_backend(backend or os.environ.get("IVIT_BACKEND", DEFAULT_BACKEND),
+                                                self.device.type)
+        self.backend = self.backend_def.name
         if self.device.type not in self.backend_def.devices:
             raise IvitError(f"backend {self.backend} runs on {', '.join(self.backend_def.devices)}, not {self.device}")
         if not self.backend_def.available():

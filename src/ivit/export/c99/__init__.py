@@ -32,13 +32,13 @@ import torch
 from torch import Tensor
 
 from ... import __version__ as _ivit_version
+from ...codegen.c.generator import DEFAULT_PASSES, CModule, generate, lower_graph, lower_program, plan_arena
+from ...codegen.c.lowerings import LOWERINGS
+from ...codegen.c.target import MCU, Target
 from ...errors import IvitError
 from ...ir.program import Program
 from ..base import Exporter, ExportResult, VerifyResult, register_exporter
-from .generator import DEFAULT_PASSES, CModule, generate, lower_graph, lower_program, plan_arena
 from .host import HOST_FLAGS, build_host_harness, host_cc, run_host_harness, write_files
-from .lowerings import LOWERINGS
-from .target import MCU, Target
 
 __all__ = ["export", "verify", "generate", "lower_program", "lower_graph", "CModule", "Target", "MCU", "LOWERINGS",
            "DEFAULT_PASSES", "parse_size", "check_images", "program_digest", "plan_arena", "MANIFEST"]
