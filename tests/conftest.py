@@ -3,6 +3,7 @@ and quantized test tensors.  Importable from every test folder as ``from conftes
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -73,3 +74,17 @@ def qmodel_factory() -> Callable[..., QModel]:
 def tiny_vit() -> QModel:
     """Calibrated ``vit_test`` (32x32 input, patch 8, width 32, depth 2)."""
     return make_qmodel("vit_test")
+
+
+PAYLOAD = "x */ int ivit_pwned(void) { return 42; } /* \\\n??/"
+
+
+def hostile(prog: ivit.Program) -> ivit.Program:
+    """``prog`` with C code in its model name, a constant's name and every value name (all free-form strings
+    of a file): generated code must keep them inert (comments), never compile them."""
+    names = {n.output: f"{n.output} {PAYLOAD}" for n in prog.nodes}
+    cname = {k: f"{k} {PAYLOAD}" for k in prog.consts}
+    nodes = [dataclasses.replace(n, output=names[n.output], inputs=tuple(names.get(i, i) for i in n.inputs),
+                                 consts={k: cname[v] for k, v in n.consts.items()}) for n in prog.nodes]
+    return dataclasses.replace(prog, nodes=nodes, consts={cname[k]: v for k, v in prog.consts.items()},
+                               output=names[prog.output], meta={**prog.meta, "model": PAYLOAD, "family": PAYLOAD})

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ivit
-from conftest import make_qmodel, random_pixels
+from conftest import hostile, make_qmodel, random_pixels
 from ivit import native
 from ivit.backends import compiled as cb
 from ivit.backends.compiled import build
@@ -164,7 +164,7 @@ def test_profile_reports_every_step() -> None:
 SCRIPT = r'''
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from conftest import make_qmodel, random_pixels
+from conftest import hostile, make_qmodel, random_pixels
 import ivit
 from ivit.nn import QLinear
 torch.set_num_threads(2)
@@ -220,3 +220,15 @@ def test_full_size_models(name: str) -> None:
     x = random_pixels(3, q.img_size, seed=3)
     assert torch.equal(fast(x), ref(x))
     assert torch.equal(fast(x[1:2]), ref(x[1:2]))
+
+
+
+def test_names_and_metadata_from_the_file_never_become_code(tmp_path: Path) -> None:
+    prog = _program("swin_test", "rel8")
+    bad = ivit.load_program(hostile(prog).save(tmp_path / "hostile.ivit"))  # a valid file
+    fast = ivit.Engine(bad, backend="compiled")
+    assert "fallback" not in fast.compiled.info
+    lib = build.load(fast.compiled.libraries[0])
+    assert not hasattr(lib, "ivit_pwned")
+    x = random_pixels(2, prog.input_shape[1:], seed=4)
+    assert torch.equal(fast(x), ivit.Engine(prog, backend="reference")(x))

@@ -30,7 +30,7 @@ from torch import Tensor
 
 import ivit
 import ivit.export
-from conftest import make_qmodel
+from conftest import hostile, make_qmodel
 from ivit import ops
 from ivit.codegen.c.generator import NodeCtx, _Buf, lower_graph, plan_arena
 from ivit.errors import IvitError
@@ -514,6 +514,21 @@ def test_generated_code_is_integer_only_c99(tmp_path: Path) -> None:
     assert "ivit_isqrt64" in c and "ivit_shiftmax_row" in c
     c32 = c99.generate(program("vit_test"))["model.c"]
     assert "ivit_isqrt64" not in c32 and "ivit_isqrt32" in c32 and "ivit_shiftmax_row" not in c32
+
+
+@needs_cc
+def test_names_and_metadata_from_the_file_stay_comments(tmp_path: Path) -> None:
+    """Value and constant names and ``meta.model`` are free-form strings of the file: C in them stays inert."""
+    import re
+
+    prog = program("swin_test")
+    bad = ivit.load_program(hostile(prog).save(tmp_path / "hostile.ivit"))
+    files = c99.generate(bad)
+    for name, text in files.items():
+        assert "ivit_pwned" not in re.sub(r"/\*.*?\*/", "", text, flags=re.S), name
+    c99.export(bad, tmp_path / "out")
+    v = c99.verify(bad, tmp_path / "out", images=2)  # compiles under -Wall -Wextra -Werror -pedantic
+    assert v.bitexact, v.detail
 
 
 @needs_cc

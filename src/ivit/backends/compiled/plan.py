@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ... import ops
-from ...codegen.c.generator import CTYPES, NodeCtx, Operand
+from ...codegen.c.generator import CTYPES, NodeCtx, Operand, c_comment
 from ...codegen.c.lowerings import LOWERINGS, Kernel
 from ...codegen.c.target import Target
 from ...errors import IvitError
@@ -791,7 +791,7 @@ class _Planner:
             fname = f"k_{node.op}_{i}"
             self._fn_keys[key] = fname
             body = "\n".join("    " + ln for ln in res.body.split("\n") if ln.strip())
-            self.functions[fname] = (f"/* {node.op}: {res.formula.replace('*/', '* /')} (one image) */\n"
+            self.functions[fname] = (f"/* {node.op}: {c_comment(res.formula)} (one image) */\n"
                                      f"static void {fname}({sig}) {{\n{body}\n}}")
         self.helpers |= ctx.helpers
         args: list[str] = []
