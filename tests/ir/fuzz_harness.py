@@ -28,6 +28,8 @@ from ivit.ir import program as program_mod
 
 EXTREME_INTS = [-(2**62), -(2**31), -(2**31) + 1, -65536, -129, -128, -2, -1, 0, 1, 2, 3, 7, 8, 15, 16, 31, 32,
                 62, 63, 64, 127, 255, 4096, 2**20, 2**31 - 1, 2**31, 10**7, 10**12]
+#: the native backends checked against the reference on every mutant that loads (compiled: where a C compiler is)
+BACKENDS = ["cpu", *(["compiled"] if ivit.backends.get_backend("compiled").available() else [])]
 DTYPES = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool, torch.float32]
 
 
@@ -188,9 +190,9 @@ def main() -> None:
             c, h, w = prog.input_shape
             x = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
             ref = ivit.Engine(prog, backend="reference")(x)
-            fast = ivit.Engine(prog, backend="cpu")(x)
-            if not torch.equal(ref, fast):
-                failures.append(f"{desc}: backends disagree")
+            for backend in BACKENDS:
+                if not torch.equal(ref, ivit.Engine(prog, backend=backend)(x)):
+                    failures.append(f"{desc}: backend {backend} disagrees with the reference")
             counts["ran"] += 1
         except Exception as e:  # noqa: BLE001
             failures.append(f"{desc}: a loaded program failed to run: {type(e).__name__}: {str(e)[:200]}")

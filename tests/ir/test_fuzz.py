@@ -1,14 +1,15 @@
 """Fuzzing the loader: a few hundred seeded mutations of real ViT and Swin programs.
 
 Every mutant (attributes, constant shapes, values and dtypes, node order and inputs, op names,
-outputs, metadata; checksum kept valid) ends in a one-line refusal or in a run where the cpu backend
-equals the reference; never another exception, a crash, a hang, or memory growth beyond the bound
+outputs, metadata; checksum kept valid) ends in a one-line refusal or in a run where the cpu and compiled
+backends equal the reference; never another exception, a crash, a hang, or memory growth beyond the bound
 (``MEM_MB`` of address space on top of start-up, enforced with ``RLIMIT_AS`` in the subprocess).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,9 @@ def test_mutated_programs_are_refused_or_run_exactly(tmp_path: Path, seed: int) 
     work = tmp_path / "mutants"
     work.mkdir()
     harness = Path(__file__).with_name("fuzz_harness.py")
+    env = {**os.environ, "IVIT_CACHE": str(tmp_path / "cache")}  # compiled mutants stay out of the user's cache
     res = subprocess.run([sys.executable, str(harness), ",".join(paths), str(MUTATIONS // 2), str(seed),
-                          str(MEM_MB), str(work)], capture_output=True, text=True, timeout=600)
+                          str(MEM_MB), str(work)], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, f"harness crashed (rc {res.returncode}): {res.stderr[-2000:]}"
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("FUZZ "))
     out = json.loads(line[5:])
