@@ -35,6 +35,7 @@ ort = pytest.importorskip("onnxruntime", reason="ONNX export tests need the onnx
 from ivit.export import EXPORTERS, run_cli_export  # noqa: E402
 from ivit.export import export as export_program  # noqa: E402
 from ivit.export import verify as verify_program  # noqa: E402
+from ivit.export.base import check_images  # noqa: E402
 from ivit.export.onnx import build_model, op_model  # noqa: E402
 from ivit.export.onnx.graph import Graph  # noqa: E402
 from ivit.export.onnx.lower import GEMM_MODES, ONNX_OPS_BY_OP  # noqa: E402
@@ -456,10 +457,11 @@ def _check_model_runs(prog: ivit.Program, model: Any, seed: int = 3) -> None:
     sess = _session(model)
     assert_integer_only(model, sess)
     engine = ivit.Engine(prog, backend="reference")
-    for b in (1, 3):
-        x = random_pixels(b, prog.input_shape[1:], seed=seed + b)
+    sets = check_images(prog, 1, seed)
+    batches = [random_pixels(b, prog.input_shape[1:], seed=seed + b) for b in (1, 2, 7)]
+    for x in [*batches, torch.cat([sets["zeros"], sets["full"], sets["checker"]])]:  # all-0, all-255, checkerboards
         (got,) = sess.run(["logits"], {"pixels": _np(x)})
-        assert torch.equal(torch.from_numpy(got), engine(x)), f"batch {b}"
+        assert torch.equal(torch.from_numpy(got), engine(x)), f"batch {x.shape[0]}"
 
 
 @pytest.mark.parametrize("ln", list(LayerNormImpl), ids=lambda v: v.value)
@@ -472,6 +474,15 @@ def test_whole_models_are_bitexact_in_onnx_runtime(name: str, probs: Probs, ln: 
     x = random_pixels(3, q.img_size, seed=9)
     engine = ivit.Engine(prog, backend="reference")
     assert torch.equal(engine(x), q.logits(x))  # and so the PyTorch integer model's
+
+
+@pytest.mark.parametrize("name", ["vit_digits", "swin_digits"])
+def test_the_demo_models_are_bitexact_in_onnx_runtime(name: str, tmp_path: Path) -> None:
+    q = make_qmodel(name)  # calibrated, random init: the architectures `ivit demo` writes
+    prog = ivit.freeze(q)
+    _check_model_runs(prog, build_model(prog), seed=5)
+    x = random_pixels(3, q.img_size, seed=9)
+    assert torch.equal(ivit.Engine(prog, backend="reference")(x), q.logits(x))
 
 
 @pytest.mark.parametrize("gemm", GEMM_MODES)
@@ -500,7 +511,7 @@ def test_format1_fixtures_give_their_stored_logits(name: str, tmp_path: Path) ->
     (got,) = _session(model).run(["logits"], {"pixels": _np(pixels)})
     assert torch.equal(torch.from_numpy(got), logits)
     v = verify_program(prog, "onnx", out, images=4)
-    assert v.bitexact and v.images == 6 and "onnxruntime" in v.runtime, v
+    assert v.bitexact and v.images == 4 + 4 and "onnxruntime" in v.runtime, v  # 1 + 2 + 1 random, 4 extreme
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])

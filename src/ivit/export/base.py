@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from ..errors import IvitError
 from ..ir.program import Program
 
-__all__ = ["Exporter", "ExportResult", "VerifyResult", "register_exporter", "get_exporter", "EXPORTERS",
+__all__ = ["check_images", "Exporter", "ExportResult", "VerifyResult", "register_exporter", "get_exporter", "EXPORTERS",
            "exporter_names"]
 
 
@@ -103,3 +106,18 @@ def check_supported(ex: Exporter, program: Program) -> None:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
+
+
+def check_images(program: Program, images: int = 8, seed: int = 0) -> dict[str, Tensor]:
+    """The images every exporter's ``verify`` runs, uint8 ``(N, C, H, W)``: ``random`` (``images`` of them, seeded),
+    ``zeros`` (all 0), ``full`` (all 255) and ``checker`` (a 0/255 checkerboard and its inverse)."""
+    c, h, w = program.input_shape
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    board = (((yy + xx) % 2) * 255).to(torch.uint8).expand(c, h, w)
+    return {
+        "random": torch.randint(0, 256, (images, c, h, w), generator=g, dtype=torch.uint8),
+        "zeros": torch.zeros(1, c, h, w, dtype=torch.uint8),
+        "full": torch.full((1, c, h, w), 255, dtype=torch.uint8),
+        "checker": torch.stack([board, 255 - board]),
+    }

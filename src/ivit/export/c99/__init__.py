@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ... import __version__ as _ivit_version
 from ...codegen.c.generator import DEFAULT_PASSES, CModule, generate, lower_graph, lower_program, plan_arena
@@ -37,7 +36,7 @@ from ...codegen.c.lowerings import LOWERINGS
 from ...codegen.c.target import MCU, Target
 from ...errors import IvitError
 from ...ir.program import Program
-from ..base import Exporter, ExportResult, VerifyResult, register_exporter
+from ..base import Exporter, ExportResult, VerifyResult, check_images, register_exporter
 from .host import HOST_FLAGS, build_host_harness, host_cc, run_host_harness, write_files
 
 __all__ = ["export", "verify", "generate", "lower_program", "lower_graph", "CModule", "Target", "MCU", "LOWERINGS",
@@ -152,21 +151,6 @@ def export(program: Program, out: str | Path, max_ram: int | str | None = None, 
         shutil.rmtree(old, ignore_errors=True)
     files = [out / n for n in sorted([*mod.files, MANIFEST])]
     return ExportResult(path=out, files=files, info=info)
-
-
-def check_images(program: Program, images: int = 8, seed: int = 0) -> dict[str, Tensor]:
-    """uint8 test images (N, C, H, W): ``random`` (``images`` of them), ``zeros``, ``full`` (255) and
-    ``checker`` (0/255 checkerboard, and its inverse)."""
-    c, h, w = program.input_shape
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    board = (((yy + xx) % 2) * 255).to(torch.uint8).expand(c, h, w)
-    return {
-        "random": torch.randint(0, 256, (images, c, h, w), generator=g, dtype=torch.uint8),
-        "zeros": torch.zeros(1, c, h, w, dtype=torch.uint8),
-        "full": torch.full((1, c, h, w), 255, dtype=torch.uint8),
-        "checker": torch.stack([board, 255 - board]),
-    }
 
 
 def _read_manifest(d: Path) -> dict[str, Any]:

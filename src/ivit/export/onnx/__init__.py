@@ -18,7 +18,7 @@ from typing import Any
 from ..._io import atomic_path, check_output_path
 from ...errors import IvitError
 from ...ir.program import Program
-from ..base import Exporter, ExportResult, VerifyResult, register_exporter
+from ..base import Exporter, ExportResult, VerifyResult, check_images, register_exporter
 
 __all__ = ["build_model", "op_model", "export_onnx", "verify_onnx", "run_onnx", "DEFAULT_OPSET", "MIN_OPSET",
            "DEFAULT_PASSES", "DEFAULT_GEMM", "REQUIREMENT"]
@@ -218,9 +218,10 @@ def run_onnx(session: Any, pixels: Any) -> Any:
     return torch.from_numpy(out)
 
 
-def verify_onnx(program: Program, artefact: str | Path, images: int = 8, seed: int = 0) -> VerifyResult:
-    """Run ``artefact`` in ONNX Runtime on random uint8 images (a batch of 1, batches of 3, and an all-0 and an
-    all-255 image) and compare with the reference engine with ``torch.equal``."""
+def verify_onnx(program: Program, artefact: str | Path, images: int = 10, seed: int = 0) -> VerifyResult:
+    """Run ``artefact`` in ONNX Runtime on ``check_images``: the random ones in batches of 1, 2, then 7 (the rest
+    last), and one batch of the all-0, all-255 and checkerboard images; compare with the reference engine
+    (``torch.equal``)."""
     _require()
     import onnxruntime as ort
     import torch
@@ -232,14 +233,15 @@ def verify_onnx(program: Program, artefact: str | Path, images: int = 8, seed: i
         raise IvitError(f"no such file: {p}")
     sess = _session(p)
     inp, outp = sess.get_inputs()[0], sess.get_outputs()[0]
-    c, h, w = program.input_shape
     engine = Engine(program, backend="reference")
-    g = torch.Generator().manual_seed(seed)
-    rest = max(0, images - 1)
-    sizes = [1] + [3] * (rest // 3) + ([rest % 3] if rest % 3 else [])
-    batches = [torch.randint(0, 256, (b, c, h, w), generator=g, dtype=torch.uint8) for b in sizes]
-    extremes = [torch.zeros(c, h, w, dtype=torch.uint8), torch.full((c, h, w), 255, dtype=torch.uint8)]
-    batches.append(torch.stack(extremes))
+    sets = check_images(program, max(1, images), seed)
+    rand, batches, i = sets["random"], [], 0
+    for size in (1, 2):
+        if i < rand.shape[0]:
+            batches.append(rand[i:i + size])
+            i += size
+    batches += list(rand[i:].split(7))
+    batches.append(torch.cat([sets["zeros"], sets["full"], sets["checker"]]))
     ok, detail, n = True, "", 0
     for x in batches:
         want = engine(x)

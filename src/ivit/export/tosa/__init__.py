@@ -3,7 +3,7 @@
 ``export(program, out, batch=1)`` lowers every node with its op's lowering (``lower.LOWERINGS``, one per op of
 the op set) into a static graph for ``batch`` images, serializes it with ``tosa_serializer`` (tosa-tools) and
 writes it atomically.  ``verify(program, artefact)`` runs the file with the ``tosa_reference_model`` binary
-(a subprocess per batch, with a timeout) on random, all-0 and all-255 images and compares the int32 logits
+(a subprocess per batch, with a timeout) on random, all-0, all-255 and checkerboard images and compares the int32 logits
 with ``ivit.Engine(program, backend="reference")`` (``torch.equal``).
 
 The graph uses the PRO-INT profile only: int8/int16/int32/bool tensors, no floating point, no int48/int64.
@@ -29,7 +29,7 @@ from typing import Any
 from ..._io import atomic_path, check_output_path
 from ...errors import IvitError
 from ...ir.program import Program
-from ..base import Exporter, ExportResult, VerifyResult, register_exporter
+from ..base import Exporter, ExportResult, VerifyResult, check_images, register_exporter
 
 __all__ = ["REQUIREMENT", "DEFAULT_PASSES", "available", "build_graph", "op_graph", "export_tosa", "verify_tosa",
            "run_reference", "read_graph", "reference_model_path", "TosaGraphInfo"]
@@ -320,8 +320,9 @@ def export_tosa(program: Program, out: str | Path, batch: int = 1, passes: Seque
 
 def verify_tosa(program: Program, artefact: str | Path, images: int = 8, seed: int = 0,
                 timeout: float = RUN_TIMEOUT) -> VerifyResult:
-    """Run ``artefact`` in ``tosa_reference_model`` on random uint8 images (``images`` of them, in batches of the
-    file's static batch) plus an all-0 and an all-255 image, and compare with the reference engine (``torch.equal``)."""
+    """Run ``artefact`` in ``tosa_reference_model`` on ``check_images`` (the all-0, all-255 and checkerboard images
+    first, then ``images`` random ones, in batches of the file's static batch; the last batch topped up with
+    random images) and compare with the reference engine (``torch.equal``)."""
     import numpy as np
     import torch
 
@@ -339,11 +340,11 @@ def verify_tosa(program: Program, artefact: str | Path, images: int = 8, seed: i
         raise IvitError(f"TOSA file {p} does not take {c}x{h}x{w} pixels (inputs {info.inputs})")
     b = in_shape[0]
     engine = Engine(program, backend="reference")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
     n_rand = max(1, images)
-    rand = torch.randint(0, 256, (n_rand, c, h, w), generator=g, dtype=torch.uint8)
-    extremes = torch.stack([torch.zeros(c, h, w, dtype=torch.uint8), torch.full((c, h, w), 255, dtype=torch.uint8)])
-    pool = torch.cat([extremes, rand])
+    sets = check_images(program, n_rand, seed)
+    extremes = torch.cat([sets["zeros"], sets["full"], sets["checker"]])
+    pool = torch.cat([extremes, sets["random"]])
     # batches of b: the extremes first, the last batch topped up with more random images
     total = -(-pool.shape[0] // b) * b
     if total > pool.shape[0]:
@@ -364,8 +365,8 @@ def verify_tosa(program: Program, artefact: str | Path, images: int = 8, seed: i
                 f", max |diff| {diff}" if diff is not None else "")
             break
     if ok:
-        detail = (f"int32 logits equal (torch.equal) on {total} images ({n_rand} random, all-0, all-255"
-                  f"{', padding' if total > n_rand + 2 else ''}) in {total // b} run(s) of batch {b}")
+        detail = (f"int32 logits equal (torch.equal) on {total} images ({n_rand} random, all-0, all-255, "
+                  f"2 checkerboards{', padding' if total > n_rand + 4 else ''}) in {total // b} run(s) of batch {b}")
     return VerifyResult(runtime=_runtime_version(), images=total, bitexact=ok, detail=detail,
                         info={"tosa_version": info.version, "batch": b, "input": f"{in_dt}{list(in_shape)}",
                               "output": f"{info.outputs[0][2]}{list(info.outputs[0][1])}"})
