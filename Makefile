@@ -26,7 +26,8 @@ check: test
 
 bench-cpu: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python benchmarks/cpu_latency.py --json cpu_latency.json
+	$(BIN)/python benchmarks/cpu_latency.py --rounds 3 --warmup 3 --iters 10 \
+		--json benchmarks/results/cpu_latency.json --png benchmarks/results/cpu_latency.png
 
 bench-accuracy: $(STAMP)
 	$(BIN)/python benchmarks/accuracy.py

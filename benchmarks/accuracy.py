@@ -273,7 +273,7 @@ def _markdown(rows: list[dict[str, Any]], cmd: str, meta: dict[str, Any]) -> str
             lines.append(f"| {r['model']} | {pct(r['fp32_outliers'])} | {pct(r['ptq_fixed_outliers'])} | "
                          f"{pct(r['ptq_outliers'])} | {'yes' if ok else 'NO'} |")
     lines += ["", "PTQ search: " + "; ".join(f"{r['model']}: {r['search']}" for r in rows)]
-    lines += ["", "Models:"] + [f"- {r['description']}" for r in rows]
+    lines += ["", "Models:"] + [f"- {d}" for d in dict.fromkeys(r['description'] for r in rows)]
     lines += ["", f"Command: `{cmd}`", "",
               f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads; "
               f"total {meta['total_s'] / 60:.1f} min."]

@@ -232,3 +232,16 @@ def test_names_and_metadata_from_the_file_never_become_code(tmp_path: Path) -> N
     assert not hasattr(lib, "ivit_pwned")
     x = random_pixels(2, prog.input_shape[1:], seed=4)
     assert torch.equal(fast(x), ivit.Engine(prog, backend="reference")(x))
+
+
+def test_fallback_when_the_compiler_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    prog = _program("swin_test", "rel8")
+
+    def fail(*a: object, **k: object) -> None:
+        raise RuntimeError("compiled backend: cc failed on model.c: unsupported option '-fopenmp'\nmore")
+
+    monkeypatch.setattr(build, "build", fail)
+    eng = ivit.Engine(prog, backend="compiled")
+    assert eng.compiled.info["fallback"].startswith("the C compiler failed: compiled backend: cc failed")
+    x = random_pixels(2, prog.input_shape[1:], seed=6)
+    assert torch.equal(eng(x), ivit.Engine(prog, backend="reference")(x))

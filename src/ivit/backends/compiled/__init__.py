@@ -10,7 +10,7 @@ load (AVX-512 VNNI ``vpdpbusd``; exact AVX2 ``vpmaddwd`` or portable C without i
 
 The integers equal the reference backend's (``torch.equal``; ``tests/backends/test_compiled.py``).  A
 program the planner does not cover (a batch axis other than 0) runs on the ``cpu`` backend's kernels
-instead, and says so in ``Compiled.info["fallback"]``.
+instead, and says so in ``Compiled.info["fallback"]``; so does one the C compiler fails to build.
 """
 
 from __future__ import annotations
@@ -117,7 +117,10 @@ def compile_program(program: Program, info: ProgramInfo, consts: Mapping[str, Te
     meta = program.meta
     header = f"model {meta.get('model', '?')} ({meta.get('family', '?')}), code path {build.ISA_NAMES[isa]}"
     source = codegen.generate(plan, isa, header)
-    path = build.build(source)
+    try:
+        path = build.build(source)
+    except RuntimeError as e:  # a compiler that cannot build it (e.g. no OpenMP): the per-op kernels instead
+        return _fallback(program, info, consts, f"the C compiler failed: {str(e).splitlines()[0][:200]}")
     out_t = info.types[program.output]
     model = CompiledModel(program, plan, isa, source, path, out_t.concrete(1), out_t.dtype)
     gemm_macs = sum(s.macs for s in plan.steps if s.kind == "gemm")

@@ -92,6 +92,8 @@ def build(source: str, profile: bool = False) -> Path:
         return native.build_library([src], flags(profile), f"ivit_model{'_prof' if profile else ''}", cc())
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"compiled backend: cc failed on {src}: {e.stderr.decode(errors='replace')[:2000]}") from e
+    except (OSError, subprocess.SubprocessError) as e:  # no compiler any more, a timeout
+        raise RuntimeError(f"compiled backend: cc failed on {src}: {e}") from e
 
 
 _LIBS: dict[Path, ctypes.CDLL] = {}
