@@ -3,7 +3,7 @@
 ``support(name)`` builds the timm model on the meta device (no weights, no memory) and asks its family's
 ``check_supported`` (the same function ``quantize`` runs before any work).  ``list_supported()`` does that
 for every name of ``PATTERNS`` plus ``CUSTOM_MODELS``; building ~260 models on the meta device takes about a
-minute, so the table is cached in ``~/.cache/ivit`` (``$IVIT_CACHE_DIR`` or ``$XDG_CACHE_HOME/ivit``), keyed by
+minute, so the table is cached in ``~/.cache/ivit`` (``$IVIT_CACHE`` or ``$XDG_CACHE_HOME/ivit``), keyed by
 the timm and ivit versions and a hash of the checking code, with a progress bar on first use.
 """
 
@@ -163,14 +163,15 @@ def _code_hash() -> str:
 
 
 def cache_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Where the support table is cached (``$IVIT_CACHE_DIR``, ``$XDG_CACHE_HOME/ivit`` or ``~/.cache/ivit``)."""
+    """Where the support table is cached (``ivit.native.cache_dir()``: ``$IVIT_CACHE``, ``$XDG_CACHE_HOME/ivit`` or
+    ``~/.cache/ivit``, like the built kernels)."""
     import timm
 
     from .. import __version__
+    from ..native import cache_dir as ivit_cache
 
     if cache_dir is None:
-        cache_dir = os.environ.get("IVIT_CACHE_DIR") or Path(
-            os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ivit"
+        cache_dir = ivit_cache()
     return Path(cache_dir) / f"supported-timm{timm.__version__}-ivit{__version__}-{_code_hash()}.json"
 
 
