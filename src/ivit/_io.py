@@ -20,7 +20,8 @@ from .errors import IvitError
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["atomic_path", "publish", "write_text_atomic", "write_bytes_atomic", "check_output_path", "sha256_tensors"]
+__all__ = ["atomic_path", "publish", "write_text_atomic", "write_bytes_atomic", "check_output_path",
+           "check_output_folder", "sha256_tensors"]
 
 #: Temporary files older than this (seconds) next to a target are leftovers of a killed writer.
 STALE_SECONDS = 600.0
@@ -57,12 +58,18 @@ def check_output_path(path: str | os.PathLike[str], what: str = "output file") -
     p = Path(path)
     if p.is_dir():
         raise IvitError(f"{what} {p} is a directory")
+    check_output_folder(p)
+    return p
+
+
+def check_output_folder(path: str | os.PathLike[str]) -> None:
+    """Fail early when the folder that is to hold ``path`` (a file or a directory) is missing or not writable."""
+    p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise IvitError(f"output folder does not exist: {parent}")
     if not os.access(parent, os.W_OK):
         raise IvitError(f"output folder is not writable: {parent}")
-    return p
 
 
 @contextmanager

@@ -16,7 +16,6 @@ Format 1 (ivit 0.1) holds the original ops only; format 2 adds ``layernorm32``, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._io import atomic_path, check_output_path
+from .._io import atomic_path, check_output_path, sha256_tensors
 from .limits import Limits
 from .types import DTYPE_NAMES, ProgramError
 from .validate import validate
@@ -134,12 +133,8 @@ class Program:
 
 
 def _checksum(graph: str, consts: dict[str, Tensor]) -> str:
-    h = hashlib.sha256(graph.encode())
-    for name in sorted(consts):
-        t = consts[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """The file's checksum: SHA-256 over the program JSON and every constant (``_io.sha256_tensors``)."""
+    return sha256_tensors(consts, graph)
 
 
 def _json_depth_ok(text: str, max_depth: int) -> bool:

@@ -35,7 +35,6 @@ from ..nn._run import run
 from ..nn.observers import RangeObserver
 from ..qtensor import QTensor, carry
 from .vit import (
-    MAX_PREFIX,
     EvalOnly,
     QBlock,
     QViT,
@@ -45,7 +44,7 @@ from .vit import (
     mlp_from,
     mlp_reason,
     norm_reason,
-    patch_embed_reason,
+    trunk_reason,
 )
 
 __all__ = ["QRope", "QRopeAttention", "QRopeViT", "check_supported", "from_timm"]
@@ -208,14 +207,10 @@ def _block_reason(blk: nn.Module, dim: int, where: str) -> str | None:
 def check_supported(model: nn.Module) -> str | None:
     """Why a timm ``Eva`` (EVA, RoPE ViTs, DINOv3, Perception Encoder) cannot be quantized, in one line
     (None: it can).  Structural checks only."""
-    r = patch_embed_reason(model.patch_embed)
+    r = trunk_reason(model)
     if r:
         return r
-    if len(model.blocks) == 0:
-        return "a ViT without blocks"
     prefix = model.num_prefix_tokens
-    if prefix > MAX_PREFIX:
-        return f"{prefix} prefix tokens (at most {MAX_PREFIX})"
     rope = getattr(model, "rope", None)
     if rope is not None and type(rope).__name__ not in _ROPES:
         return f"rotary embedding {type(rope).__name__} is not supported"

@@ -93,6 +93,19 @@ def mlp_reason(mlp: nn.Module, where: str) -> str | None:
     return None
 
 
+def trunk_reason(model: nn.Module) -> str | None:
+    """Why the parts every ViT family shares cannot be quantized (None: they can): the patch embedding, at
+    least one block, at most ``MAX_PREFIX`` prefix (class, distillation, register) tokens."""
+    r = patch_embed_reason(model.patch_embed)
+    if r:
+        return r
+    if len(model.blocks) == 0:
+        return "a ViT without blocks"
+    if model.num_prefix_tokens > MAX_PREFIX:
+        return f"{model.num_prefix_tokens} prefix tokens (at most {MAX_PREFIX})"
+    return None
+
+
 def patch_embed_reason(pe: nn.Module) -> str | None:
     """Why the patch embedding is not a plain strided conv over a fixed image (None: it is)."""
     from timm.layers import PatchEmbed
@@ -218,15 +231,11 @@ def head_reason(model: nn.Module, prefix: int, tokens: int, dim: int, include_pr
 def check_supported(model: nn.Module) -> str | None:
     """Why a timm ``VisionTransformer`` (or DeiT's ``VisionTransformerDistilled``) cannot be quantized, in one
     line (None: it can).  Structural checks only: works on a model built on the meta device."""
-    r = patch_embed_reason(model.patch_embed)
+    r = trunk_reason(model)
     if r:
         return r
     dim = model.embed_dim
-    if len(model.blocks) == 0:
-        return "a ViT without blocks"
     prefix = model.num_prefix_tokens
-    if prefix > MAX_PREFIX:
-        return f"{prefix} prefix tokens (at most {MAX_PREFIX})"
     distilled = getattr(model, "dist_token", None) is not None
     if distilled and (getattr(model, "global_pool", "token") != "token" or prefix != 2
                       or getattr(model, "reg_token", None) is not None):

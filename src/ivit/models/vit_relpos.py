@@ -17,7 +17,6 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import IvitError
 from .vit import (
-    MAX_PREFIX,
     EvalOnly,
     QBlock,
     QViT,
@@ -27,7 +26,7 @@ from .vit import (
     mlp_from,
     mlp_reason,
     norm_reason,
-    patch_embed_reason,
+    trunk_reason,
 )
 
 __all__ = ["check_supported", "from_timm"]
@@ -64,14 +63,10 @@ def _block_reason(blk: nn.Module, dim: int, tokens: int, where: str) -> str | No
 
 def check_supported(model: nn.Module) -> str | None:
     """Why a timm ``VisionTransformerRelPos`` cannot be quantized, in one line (None: it can).  Structural."""
-    r = patch_embed_reason(model.patch_embed)
+    r = trunk_reason(model)
     if r:
         return r
-    if len(model.blocks) == 0:
-        return "a ViT without blocks"
     prefix = model.num_prefix_tokens
-    if prefix > MAX_PREFIX:
-        return f"{prefix} prefix tokens (at most {MAX_PREFIX})"
     tokens = prefix + model.patch_embed.num_patches
     r = _rel_pos_reason(model.shared_rel_pos, tokens, "shared_rel_pos")
     if r:

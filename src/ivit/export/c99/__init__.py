@@ -17,7 +17,6 @@ random, all-0, all-255 and checkerboard images and compares its logits with the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from ... import __version__ as _ivit_version
+from ..._io import check_output_folder, sha256_tensors
 from ...codegen.c.generator import DEFAULT_PASSES, CModule, generate, lower_graph, lower_program, plan_arena
 from ...codegen.c.lowerings import LOWERINGS
 from ...codegen.c.target import MCU, Target
@@ -65,14 +65,8 @@ def parse_size(v: int | str | None, what: str = "size") -> int | None:
 
 
 def program_digest(program: Program) -> str:
-    """SHA-256 of a program's graph and constants (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256(program.graph_json().encode())
-    for name in sorted(program.consts):
-        t = program.consts[name].contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of a program's graph and constants (names, dtypes, shapes, bytes): the ``.ivit`` checksum."""
+    return sha256_tensors(program.consts, program.graph_json())
 
 
 def _check_limits(mod: CModule, max_ram: int | None, max_flash: int | None) -> None:
@@ -99,11 +93,7 @@ def _prepare_out(out: Path) -> None:
         raise IvitError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise IvitError(f"output directory {out} is not empty and holds no ivit C export; choose another")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise IvitError(f"output folder does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise IvitError(f"output folder is not writable: {parent}")
+    check_output_folder(out)
 
 
 def export(program: Program, out: str | Path, max_ram: int | str | None = None, max_flash: int | str | None = None,
