@@ -2,9 +2,10 @@
 
 Builds the model (random timm weights, calibrated on random pixels) for ``ivit.Engine(..., backend="compiled")``,
 runs ``ivit.backends.compiled.profile`` (a build with a timer after each step's barrier, median of ``--runs``
-runs) and prints, per kind of step (``gemm``: the int8 GEMMs with their fused epilogues; ``attn``: q k^T,
-Shiftmax, p v and the normalization; ``ln``, ``gather``, ...), the time, its share and the achieved int8 ops/s
-(2 per multiply-accumulate).
+runs after ``--warmup`` untimed ones: on a VM the first runs of a fresh build are slow) and prints, per kind
+of step (``gemm``: the int8 GEMMs with their fused epilogues; ``attn``: q k^T, Shiftmax, p v and the
+normalization; ``ln``, ``gather``, ...), the time, its share and the achieved int8 ops/s (2 per
+multiply-accumulate).
 
 Example::
 
@@ -29,7 +30,8 @@ def main() -> None:
     p.add_argument("model", help="a timm model name that ivit quantizes")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=15, help="timed runs (the median is shown)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
     a = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
@@ -40,7 +42,7 @@ def main() -> None:
     if "fallback" in eng.compiled.info:
         raise SystemExit(f"compiled backend fell back: {eng.compiled.info['fallback']}")
     x = torch.randint(0, 256, (a.batch, q.in_chans, *size), dtype=torch.uint8)
-    rows = cb.profile(eng.compiled.info["model"], x, runs=a.runs)
+    rows = cb.profile(eng.compiled.info["model"], x, runs=a.runs, warmup=a.warmup)
     total = sum(r["ns"] for r in rows)
     kinds: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0])
     for r in rows:

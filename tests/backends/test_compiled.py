@@ -156,9 +156,13 @@ def test_fallback_when_the_planner_refuses(monkeypatch: pytest.MonkeyPatch) -> N
 def test_profile_reports_every_step() -> None:
     fast, _ = _engines("vit_test", "rel8", "int32")
     model = fast.compiled.info["model"]
-    rows = cb.profile(model, random_pixels(2, fast.program.input_shape[1:]), runs=2)
+    pixels = random_pixels(2, fast.program.input_shape[1:])
+    rows = cb.profile(model, pixels, runs=2, warmup=2)
     assert len(rows) == len(model.plan.steps)
     assert any(r["kind"] == "gemm" and r["macs"] > 0 for r in rows)
+    assert all(r["ns"] > 0 for r in rows if r["kind"] == "gemm")
+    with pytest.raises(ValueError, match="runs >= 1"):
+        cb.profile(model, pixels, runs=0)
 
 
 SCRIPT = r'''

@@ -131,15 +131,19 @@ def compile_program(program: Program, info: ProgramInfo, consts: Mapping[str, Te
         "attention_macs_per_image": attn_macs, "model": model})
 
 
-def profile(model: CompiledModel, pixels: Tensor, runs: int = 5) -> list[dict[str, Any]]:
+def profile(model: CompiledModel, pixels: Tensor, runs: int = 5, warmup: int = 1) -> list[dict[str, Any]]:
     """Per-step wall time of ``model`` on ``pixels`` (a build with timers after each step's barrier; thread 0's
-    clock, so a step's time includes waiting for the slowest thread).  Returns one row per step: label, kind,
-    median ns, multiply-accumulates (GEMM / attention) and the achieved int8 GOPS (2 ops per MAC)."""
+    clock, so a step's time includes waiting for the slowest thread), median of ``runs`` runs after ``warmup``
+    untimed ones.  Returns one row per step: label, kind, median ns, multiply-accumulates (GEMM / attention) and
+    the achieved int8 GOPS (2 ops per MAC)."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"profile needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     lib = build.load(build.build(model.source, profile=True))
     n = len(model.plan.steps)
     buf = (ctypes.c_int64 * (n + 1))()
     per: list[list[int]] = [[] for _ in range(n)]
-    model.run(pixels, lib)  # warm up
+    for _ in range(warmup):
+        model.run(pixels, lib)
     lib.ivit_model_profile(buf)
     for _ in range(runs):
         model.run(pixels, lib)
