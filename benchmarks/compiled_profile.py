@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=15, help="timed runs (the median is shown)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first")
     a = p.parse_args()
+    if a.runs < 1 or a.warmup < 0 or a.batch < 1 or a.threads < 1:
+        raise SystemExit("compiled_profile: --runs, --batch and --threads must be at least 1, --warmup at least 0")
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     q = ivit.quantize(ivit.create_model(a.model).eval(), ivit.QuantConfig())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def main() -> None:
             text=True,
         )
         if r.returncode != 0:
-            raise SystemExit(f"vnni_peak: the compiler failed: {r.stderr.strip().splitlines()[-1:]}")
+            raise SystemExit(f"vnni_peak: the compiler failed: {(r.stderr.strip().splitlines() or ['no message'])[-1]}")
         best = []
         for _ in range(a.runs):
             out = subprocess.run([str(exe)], capture_output=True, text=True)
@@ -78,4 +77,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
